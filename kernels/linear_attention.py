@@ -1,0 +1,34 @@
+"""Sana's ReLU linear attention (non-causal).
+
+out_i = sum_j v_j (k_j . q_i) / (sum_j k_j . q_i + eps), with q and k already ReLU'd by the caller.
+Sums are accumulated in float32 whatever the input dtype, as the reference implementations do.
+"""
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla")
+
+
+def linear_attention_reference(q, k, v, eps=1e-15):
+  """q, k, v: [B, N, H, D] -> [B, N, H, D] in float32.
+
+  bf16 operands are multiplied with float32 accumulation; that equals casting them to float32
+  first (products of two bf16 numbers are exact in float32) without materialising the casts.
+  """
+  hi = jax.lax.Precision.HIGHEST  # keep float32 sums out of TF32/bf16 passes on GPUs and TPUs
+  if jax.default_backend() == "cpu":  # XLA:CPU has no bf16 x bf16 -> f32 dot
+    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+  kv = jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32, precision=hi)
+  k_sum = jnp.sum(k.astype(jnp.float32), axis=1)  # [B, H, D]
+  q32 = q.astype(jnp.float32)
+  num = jnp.einsum("bnhd,bhde->bnhe", q32, kv, precision=hi)
+  den = jnp.einsum("bnhd,bhd->bnh", q32, k_sum, precision=hi)[..., None]
+  return num / (den + eps)
+
+
+def linear_attention(q, k, v, *, eps=1e-15, implementation="auto"):
+  """Dispatches to a backend; "auto" falls back to the XLA reference where no kernel applies."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown linear-attention implementation {implementation!r}; "
+                     f"expected one of {IMPLEMENTATIONS}")
+  return linear_attention_reference(q, k, v, eps=eps)

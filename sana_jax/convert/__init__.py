@@ -1,0 +1,1 @@
+"""Checkpoint converters: name-mapping tables from official formats to our parameter trees."""

@@ -1,0 +1,322 @@
+"""The Sana linear DiT (diffusers' SanaTransformer2DModel) in Flax NNX, NHWC.
+
+Blocks are built once with stacked parameters (leading "layers" axis) and run under `lax.scan`,
+so compile time does not grow with depth; `remat` picks a rematerialisation policy for training.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sana_jax.errors import SanaError
+from sana_jax.kernels import linear_attention
+from sana_jax.models import layers as L
+
+_MASK_BIAS = -10000.0  # diffusers turns the 0/1 text mask into this additive bias (not -inf)
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SanaTransformerConfig:
+  """Field names follow diffusers' config.json so a checkpoint's config loads as it is."""
+  in_channels: int = 32
+  out_channels: int | None = 32
+  num_attention_heads: int = 70
+  attention_head_dim: int = 32
+  num_layers: int = 20
+  num_cross_attention_heads: int = 20
+  cross_attention_head_dim: int = 112
+  cross_attention_dim: int = 2240
+  caption_channels: int = 2304
+  mlp_ratio: float = 2.5
+  attention_bias: bool = False
+  sample_size: int = 32
+  patch_size: int = 1
+  norm_elementwise_affine: bool = False
+  norm_eps: float = 1e-6
+  interpolation_scale: float | None = None
+  guidance_embeds: bool = False
+  guidance_embeds_scale: float = 0.1
+  qk_norm: str | None = None
+  timestep_scale: float = 1.0
+  # ours, not in diffusers' config
+  linear_attention_eps: float = 1e-15  # diffusers; the original repository uses 1e-8
+  remat: str = "none"
+
+  @property
+  def inner_dim(self):
+    return self.num_attention_heads * self.attention_head_dim
+
+  @property
+  def ffn_hidden(self):
+    return int(self.mlp_ratio * self.inner_dim)
+
+  @classmethod
+  def from_dict(cls, d):
+    """Reads a diffusers config dict; `_`-prefixed metadata is skipped, unknown keys are errors."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    d = {k: v for k, v in d.items() if not k.startswith("_")}
+    if d.pop("dropout", 0.0):
+      raise SanaError("config.json: dropout > 0 is a training-time option sana-jax does not model")
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise SanaError(f"config.json: unknown transformer config key(s) {unknown}")
+    return cls(**d).validated()
+
+  def validated(self):
+    if self.qk_norm not in (None, "rms_norm_across_heads"):
+      raise SanaError(f"qk_norm={self.qk_norm!r} is not used by Sana; expected None or 'rms_norm_across_heads'")
+    if self.cross_attention_dim != self.inner_dim:
+      raise SanaError(f"cross_attention_dim {self.cross_attention_dim} must equal the model width "
+                      f"{self.inner_dim} (the text is projected to it before cross-attention)")
+    if self.remat not in REMAT_POLICIES:
+      raise SanaError(f"remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    return self
+
+
+class TimestepEmbedder(nnx.Module):
+  """sinusoid(256) -> Linear -> SiLU -> Linear (diffusers' TimestepEmbedding)."""
+
+  def __init__(self, dim, *, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_init=nnx.initializers.normal(0.02))
+    self.linear_1 = L.Dense(256, dim, (None, "embed"), **kw)
+    self.linear_2 = L.Dense(dim, dim, ("embed", "embed_out"), **kw)
+    self.dtype = dtype
+
+  def __call__(self, t):
+    return self.linear_2(jax.nn.silu(self.linear_1(L.timestep_sinusoid(t).astype(self.dtype))))
+
+
+class TimeEmbed(nnx.Module):
+  """adaLN-single: one shared SiLU -> Linear(D, 6D) on the (optionally guidance-summed) time embedding."""
+
+  def __init__(self, dim, guidance_embeds, *, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.timestep_embedder = TimestepEmbedder(dim, **kw)
+    self.guidance_embedder = TimestepEmbedder(dim, **kw) if guidance_embeds else None
+    self.linear = L.Dense(dim, (6, dim), ("embed", None, "embed_out"), **kw)
+
+  def __call__(self, t, guidance=None):
+    emb = self.timestep_embedder(t)
+    if self.guidance_embedder is not None:
+      emb = emb + self.guidance_embedder(guidance)
+    return self.linear(jax.nn.silu(emb)), emb  # [B, 6, D], [B, D]
+
+
+class CaptionProjection(nnx.Module):
+  """Linear -> GELU(tanh) -> Linear from the text encoder width to the model width."""
+
+  def __init__(self, din, dim, *, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.linear_1 = L.Dense(din, dim, ("caption", "embed"), **kw)
+    self.linear_2 = L.Dense(dim, dim, ("embed", "embed_out"), **kw)
+
+  def __call__(self, y):
+    return self.linear_2(jax.nn.gelu(self.linear_1(y), approximate=True))
+
+
+class LinearSelfAttention(nnx.Module):
+  """ReLU linear attention over all tokens; optional RMSNorm of q and k across heads (Sana 1.5)."""
+
+  def __init__(self, cfg, *, rngs, dtype, param_dtype):
+    d, kw = cfg.inner_dim, dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.to_q = L.Dense(d, d, ("embed", "heads"), use_bias=cfg.attention_bias, **kw)
+    self.to_k = L.Dense(d, d, ("embed", "heads"), use_bias=cfg.attention_bias, **kw)
+    self.to_v = L.Dense(d, d, ("embed", "heads"), use_bias=cfg.attention_bias, **kw)
+    self.to_out = L.Dense(d, d, ("heads", "embed"), **kw)
+    self.norm_q = L.RMSNorm(d, "heads", eps=1e-5, **kw) if cfg.qk_norm else None
+    self.norm_k = L.RMSNorm(d, "heads", eps=1e-5, **kw) if cfg.qk_norm else None
+    self.heads, self.eps, self.dtype = cfg.num_attention_heads, cfg.linear_attention_eps, dtype
+    self.attention_impl = "xla"
+
+  def __call__(self, x):
+    q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+    if self.norm_q is not None:
+      q, k = self.norm_q(q), self.norm_k(k)
+    b, n, _ = x.shape
+    split = lambda a: a.reshape(b, n, self.heads, -1)
+    q, k = jax.nn.relu(split(q)), jax.nn.relu(split(k))
+    out = linear_attention(q, k, split(v), eps=self.eps, implementation=self.attention_impl)
+    out = self.to_out(out.reshape(b, n, -1).astype(self.dtype))
+    if jnp.dtype(self.dtype) == jnp.float16:  # the reference clips here; the 1.6B fp16 weights overflow without it
+      out = jnp.clip(out, -65504, 65504)
+    return out
+
+
+class CrossAttention(nnx.Module):
+  """Softmax attention from image tokens to text tokens with the text mask as an additive bias."""
+
+  def __init__(self, cfg, *, rngs, dtype, param_dtype):
+    d, kw = cfg.inner_dim, dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    inner = cfg.num_cross_attention_heads * cfg.cross_attention_head_dim
+    self.to_q = L.Dense(d, inner, ("embed", "heads"), **kw)
+    self.to_k = L.Dense(cfg.cross_attention_dim, inner, ("embed", "heads"), **kw)
+    self.to_v = L.Dense(cfg.cross_attention_dim, inner, ("embed", "heads"), **kw)
+    self.to_out = L.Dense(inner, d, ("heads", "embed"), kernel_init=L.zeros, **kw)
+    self.norm_q = L.RMSNorm(inner, "heads", eps=1e-5, **kw) if cfg.qk_norm else None
+    self.norm_k = L.RMSNorm(inner, "heads", eps=1e-5, **kw) if cfg.qk_norm else None
+    self.heads, self.head_dim, self.dtype = cfg.num_cross_attention_heads, cfg.cross_attention_head_dim, dtype
+
+  def __call__(self, x, y, mask_bias):
+    """x [B, N, D], y [B, L, D] (projected text), mask_bias [B, L] float32 (0 or -10000)."""
+    q, k, v = self.to_q(x), self.to_k(y), self.to_v(y)
+    if self.norm_q is not None:
+      q, k = self.norm_q(q), self.norm_k(k)
+    b, n, _ = x.shape
+    q = q.reshape(b, n, self.heads, self.head_dim)
+    k = k.reshape(b, -1, self.heads, self.head_dim)
+    v = v.reshape(b, -1, self.heads, self.head_dim)
+    logits = L.einsum_f32("bnhd,blhd->bhnl", q, k)
+    logits = logits * (self.head_dim ** -0.5) + mask_bias[:, None, None, :]
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhnl,blhd->bnhd", probs, v).reshape(b, n, -1)
+    return self.to_out(out)
+
+
+class MixFFN(nnx.Module):
+  """GLUMBConv: 1x1 expand to (value, gate) -> SiLU -> 3x3 depthwise -> value * SiLU(gate) -> 1x1.
+
+  The expanded channels are stored as [2, hidden] (value, gate) rather than [2 * hidden] so the
+  GLU split never crosses a tensor-parallel shard boundary.
+  """
+
+  def __init__(self, dim, hidden, *, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.conv_inverted = L.Dense(dim, (2, hidden), ("embed", None, "mlp"), **kw)
+    self.conv_depth_kernel = L.param(rngs, nnx.initializers.normal(1 / 3), (3, 3, 2, hidden),
+                                     (None, None, None, "mlp"), param_dtype)
+    self.conv_depth_bias = L.param(rngs, L.zeros, (2, hidden), (None, "mlp"), param_dtype)
+    self.conv_point = L.Dense(hidden, dim, ("mlp", "embed"), use_bias=False, **kw)
+
+  def __call__(self, x):
+    """x: [B, H, W, D] -> [B, H, W, D]."""
+    h = jax.nn.silu(self.conv_inverted(x))  # [B, H, W, 2, hidden]
+    h = L.depthwise_conv3x3(h, self.conv_depth_kernel[...], self.conv_depth_bias[...])
+    return self.conv_point(h[..., 0, :] * jax.nn.silu(h[..., 1, :]))
+
+
+class SanaBlock(nnx.Module):
+  """adaLN-modulated linear self-attention, unmodulated cross-attention, modulated Mix-FFN."""
+
+  def __init__(self, cfg, *, rngs, dtype, param_dtype):
+    d, kw = cfg.inner_dim, dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.norm1 = L.LayerNorm(d, "embed", eps=cfg.norm_eps, **kw)
+    self.attn1 = LinearSelfAttention(cfg, **kw)
+    self.attn2 = CrossAttention(cfg, **kw)
+    self.norm2 = L.LayerNorm(d, "embed", eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, **kw)
+    self.ff = MixFFN(d, cfg.ffn_hidden, **kw)
+    self.scale_shift_table = L.param(rngs, nnx.initializers.normal(d ** -0.5), (6, d), (None, "embed"),
+                                     param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x, t6, y, mask_bias, hw):
+    """x [B, N, D]; t6 [B, 6, D]; y [B, L, D]; hw = (H, W) with H * W = N."""
+    mod = self.scale_shift_table[...].astype(self.dtype)[None] + t6
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (mod[:, i:i + 1] for i in range(6))
+    h = self.norm1(x) * (1 + scale_msa) + shift_msa
+    x = x + gate_msa * self.attn1(h)
+    x = x + self.attn2(x, y, mask_bias)
+    h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+    b, n, d = x.shape
+    ff = self.ff(h.reshape(b, *hw, d)).reshape(b, n, d)
+    return x + gate_mlp * ff
+
+
+class SanaTransformer(nnx.Module):
+  """Sana's DiT. Call: model(x [B, H, W, C], timestep [B], text [B, L, Dc], mask [B, L]) -> velocity.
+
+  `timestep` is the sampler's time; the model multiplies it by `config.timestep_scale` (and a
+  guidance value by `config.guidance_embeds_scale`) itself, as diffusers' pipelines do before
+  calling their transformer.
+  """
+
+  def __init__(self, config: SanaTransformerConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32, attention_impl="xla"):
+    cfg = self.config = config.validated()
+    d, p = cfg.inner_dim, cfg.patch_size
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.dtype = dtype
+    with nnx.use_eager_sharding(False):  # sharding is applied explicitly by sana_jax.parallel
+      self.patch_embed = L.Dense(p * p * cfg.in_channels, d, ("patch", "embed"), **kw)
+      self.time_embed = TimeEmbed(d, cfg.guidance_embeds, **kw)
+      self.caption_projection = CaptionProjection(cfg.caption_channels, d, **kw)
+      self.caption_norm = L.RMSNorm(d, "embed", eps=1e-5, **kw)
+
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_blocks(rngs):
+        return SanaBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+      self.blocks = make_blocks(rngs)
+      self.scale_shift_table = L.param(rngs, nnx.initializers.normal(d ** -0.5), (2, d), (None, "embed"),
+                                       param_dtype)
+      self.norm_out = L.LayerNorm(d, "embed", eps=1e-6, **kw)
+      out_ch = cfg.out_channels or cfg.in_channels
+      self.proj_out = L.Dense(d, p * p * out_ch, ("embed", "patch"), kernel_init=L.zeros, **kw)
+    self.set_attention_impl(attention_impl)
+
+  def set_attention_impl(self, impl):
+    self.blocks.attn1.attention_impl = impl
+
+  def __call__(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, guidance=None):
+    cfg, p = self.config, self.config.patch_size
+    b, H, W, c = x.shape
+    if H % p or W % p:
+      raise SanaError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
+    hp, wp = H // p, W // p
+    # patchify: [B, H, W, C] -> [B, hp*wp, p*p*C] in (row, col, channel) order, like the conv's weight
+    tokens = x.reshape(b, hp, p, wp, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp * wp, p * p * c)
+    h = self.patch_embed(tokens.astype(self.dtype))
+    if cfg.interpolation_scale is not None:
+      pos = L.sincos_pos_embed_2d(cfg.inner_dim, hp, wp, cfg.sample_size // p, cfg.interpolation_scale)
+      h = (h.astype(jnp.float32) + pos[None]).astype(self.dtype)
+
+    t = jnp.asarray(timestep, jnp.float32) * cfg.timestep_scale
+    t = jnp.broadcast_to(t, (b,))
+    if cfg.guidance_embeds:
+      if guidance is None:
+        raise SanaError("this model was trained with a guidance embedding: pass `guidance`")
+      guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32) * cfg.guidance_embeds_scale, (b,))
+    t6, t_emb = self.time_embed(t, guidance)
+
+    y = self.caption_norm(self.caption_projection(encoder_hidden_states.astype(self.dtype)))
+    if encoder_attention_mask is None:
+      encoder_attention_mask = jnp.ones(y.shape[:2], jnp.float32)
+    mask_bias = (1.0 - encoder_attention_mask.astype(jnp.float32)) * _MASK_BIAS
+
+    h = self._run_blocks(h, t6, y, mask_bias, (hp, wp))
+
+    shift, scale = jnp.split(self.scale_shift_table[...].astype(self.dtype)[None] + t_emb[:, None], 2, axis=1)
+    h = self.norm_out(h) * (1 + scale) + shift
+    out = self.proj_out(h)  # [B, N, p*p*C] in (p_row, p_col, C) order
+    out = out.reshape(b, hp, wp, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, H, W, -1)
+    return out
+
+  def _run_blocks(self, h, t6, y, mask_bias, hw):
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(carry, layer_state):
+      return nnx.merge(graphdef, layer_state)(carry, t6, y, mask_bias, hw), None
+
+    policy = REMAT_POLICIES[self.config.remat]
+    if self.config.remat != "none":
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    h, _ = jax.lax.scan(body, h, stacked)
+    return h
+
+  @classmethod
+  def from_pretrained(cls, path, dtype=jnp.float32, attention_impl="xla", *, param_dtype=None, mesh=None,
+                      rules=None, **config_overrides):
+    """Loads a diffusers `SanaTransformer2DModel` directory (config.json + safetensors)."""
+    from sana_jax.convert import diffusers_dit
+    return diffusers_dit.load(path, dtype=dtype, param_dtype=param_dtype or dtype,
+                              attention_impl=attention_impl, mesh=mesh, rules=rules, **config_overrides)

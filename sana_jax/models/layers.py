@@ -1,0 +1,124 @@
+"""Small building blocks shared by the models. Arrays are NHWC / [B, N, D]; norms compute in float32."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def einsum_f32(eq, *operands, precision=None):
+  """einsum with float32 accumulation and result, whatever the operand dtype.
+
+  On accelerators low-precision operands go straight to the MXU/tensor cores with float32
+  accumulation (exactly the float32 result, since products of bf16 numbers fit in float32);
+  XLA:CPU has no such dot, so there they are widened first.
+  """
+  if jax.default_backend() == "cpu":
+    operands = [o.astype(jnp.float32) for o in operands]
+  return jnp.einsum(eq, *operands, preferred_element_type=jnp.float32, precision=precision)
+
+
+def param(rngs, init, shape, axes, dtype):
+  """A Param carrying logical axis names; parallel.py maps the names to mesh axes."""
+  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias with logical axes (in_axis, out_axis). `kernel` may have extra out dims."""
+
+  def __init__(self, din, dout, axes, *, use_bias=True, kernel_init=xavier, rngs, dtype, param_dtype):
+    dout = tuple(dout) if isinstance(dout, (tuple, list)) else (dout,)
+    self.kernel = param(rngs, kernel_init, (din, *dout), axes, param_dtype)
+    self.bias = param(rngs, zeros, dout, axes[1:], param_dtype) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x):
+    k = self.kernel[...].astype(self.dtype)
+    y = jnp.tensordot(x.astype(self.dtype), k, axes=((x.ndim - 1,), (0,)))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * weight over the last axis, computed in float32 (diffusers' RMSNorm)."""
+
+  def __init__(self, dim, axis_name, *, eps, affine=True, bias=False, rngs, dtype, param_dtype):
+    self.weight = param(rngs, ones, (dim,), (axis_name,), param_dtype) if affine else None
+    self.bias = param(rngs, zeros, (dim,), (axis_name,), param_dtype) if affine and bias else None
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    if self.weight is not None:
+      y = y * self.weight[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis in float32; affine optional (Sana's block norms have none)."""
+
+  def __init__(self, dim, axis_name, *, eps, affine=False, rngs, dtype, param_dtype):
+    self.weight = param(rngs, ones, (dim,), (axis_name,), param_dtype) if affine else None
+    self.bias = param(rngs, zeros, (dim,), (axis_name,), param_dtype) if affine else None
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.weight is not None:
+      y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def timestep_sinusoid(t, dim=256, max_period=10000.0):
+  """[B] float -> [B, dim] float32 as [cos | sin] (flip_sin_to_cos, no frequency shift)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_pos_embed_2d(dim, height, width, base_size, interpolation_scale):
+  """[height * width, dim] float32, row-major tokens; first half encodes x (width), second y.
+
+  Positions are scaled so the grid spans `base_size` units whatever its size, then divided by
+  `interpolation_scale` (the 2K/4K checkpoints' setting). Computed in float64 at trace time.
+  """
+  ys = np.arange(height, dtype=np.float32) / (height / base_size) / interpolation_scale
+  xs = np.arange(width, dtype=np.float32) / (width / base_size) / interpolation_scale
+  grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
+
+  def one_axis(pos):
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    out = pos.reshape(-1).astype(np.float64)[:, None] * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([one_axis(grid_x), one_axis(grid_y)], axis=1).astype(np.float32)
+
+
+def depthwise_conv3x3(x, kernel, bias):
+  """x: [B, H, W, *C], kernel [3, 3, *C], bias [*C]; zero padding 1, one filter per channel.
+
+  Written as nine shifted multiply-adds rather than a grouped convolution: XLA fuses them into
+  one memory-bound loop on every backend, where grouped convs are slow on CPU.
+  """
+  h, w = x.shape[1], x.shape[2]
+  pad = [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * (x.ndim - 3)
+  xp = jnp.pad(x.astype(jnp.float32), pad)  # sum the nine taps in float32, as a conv would
+  kernel = kernel.astype(jnp.float32)
+  out = bias.astype(jnp.float32)
+  for dy in range(3):
+    for dx in range(3):
+      out = out + xp[:, dy:dy + h, dx:dx + w] * kernel[dy, dx]
+  return out.astype(x.dtype)

@@ -1,0 +1,93 @@
+"""Device meshes and logical-axis rules: the only module that names physical mesh axes.
+
+Models label every weight dimension with a logical name ("embed", "heads", "mlp", "layers", ...);
+`rules` map each logical name to a mesh axis (or None = replicated). A dimension whose size the
+mesh axis does not divide stays replicated, and a mesh axis is used at most once per array.
+"""
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sana_jax.errors import SanaError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),        # model width of weights: ZeRO-3 style parameter sharding
+    ("embed_out", "tensor"),  # the second width axis of a D x D projection
+    ("heads", "tensor"),      # attention inner dims (head-major, so heads split cleanly)
+    ("mlp", "tensor"),        # Mix-FFN hidden channels
+    ("caption", None),
+    ("patch", None),
+    ("layers", None),         # the scanned axis of stacked block params
+)
+
+
+def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
+  """Mesh over ("data", "fsdp", "tensor"); one size may be -1 to take the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise SanaError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise SanaError(f"mesh: {len(devices)} devices are not divisible by fsdp*tensor={known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise SanaError(f"mesh: data*fsdp*tensor={math.prod(sizes)} but there are {len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def mesh_from_config(mesh_cfg, devices=None):
+  return make_mesh(**dict(mesh_cfg), devices=devices)
+
+
+def rules_from_config(overrides=None):
+  """DEFAULT_RULES with entries replaced by a {logical name: mesh axis | None} mapping."""
+  rules = dict(DEFAULT_RULES)
+  rules.update(dict(overrides or {}))
+  return tuple(rules.items())
+
+
+def logical_to_spec(names, shape, mesh, rules=None):
+  """PartitionSpec for an array of `shape` whose dims carry logical `names`."""
+  rules = dict(rules or DEFAULT_RULES)
+  used, spec = set(), []
+  for name, size in zip(names, shape):
+    target = rules.get(name) if name is not None else None
+    axes = tuple(a for a in ((target,) if isinstance(target, str) else (target or ()))
+                 if a not in used and mesh.shape[a] > 1)
+    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      spec.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def state_shardings(state, mesh, rules=None):
+  """NamedShardings for an (abstract) nnx.State whose Variables carry logical axis names."""
+  def one(var):
+    names = var.get_metadata().get("out_sharding") or var.get_metadata().get("sharding_names")
+    names = names or (None,) * len(var.shape)
+    return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh, rules))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model, mesh, rules=None):
+  """Moves a model's parameters onto `mesh` in place, each split as its logical names say."""
+  state = nnx.state(model)
+  shardings = state_shardings(state, mesh, rules)
+  nnx.update(model, jax.device_put(state, shardings))
+  return model
+
+
+def batch_sharding(mesh, ndim):
+  """Leading (batch) dim split over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1),
+                                             (mesh.shape["data"] * mesh.shape["fsdp"],) + (1,) * (ndim - 1), mesh))
