@@ -4,6 +4,8 @@ Models label every weight dimension with a logical name ("embed", "heads", "mlp"
 `rules` map each logical name to a mesh axis (or None = replicated). A dimension whose size the
 mesh axis does not divide stays replicated, and a mesh axis is used at most once per array.
 """
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -91,3 +93,26 @@ def batch_sharding(mesh, ndim):
   """Leading (batch) dim split over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1),
                                              (mesh.shape["data"] * mesh.shape["fsdp"],) + (1,) * (ndim - 1), mesh))
+
+
+# Activation constraints: models call `constrain(x, logical names)`; it is a no-op unless the
+# computation is traced inside `use_mesh(...)`, so model code stays free of mesh axis names.
+_ACTIVE_MESH = contextvars.ContextVar("sana_jax_active_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh, rules=None):
+  """Trace (jit) model calls inside this block to keep their activations sharded as the rules say."""
+  token = _ACTIVE_MESH.set((mesh, rules))
+  try:
+    yield mesh
+  finally:
+    _ACTIVE_MESH.reset(token)
+
+
+def constrain(x, names):
+  active = _ACTIVE_MESH.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))

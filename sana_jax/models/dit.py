@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sana_jax import parallel
 from sana_jax.errors import SanaError
 from sana_jax.kernels import linear_attention
 from sana_jax.models import layers as L
 
+_TOKENS = ("batch", None, None)  # activation layout [B, N, D]: batch split, tokens and width whole
 _MASK_BIAS = -10000.0  # diffusers turns the 0/1 text mask into this additive bias (not -inf)
 
 REMAT_POLICIES = {
@@ -62,7 +64,9 @@ class SanaTransformerConfig:
 
   @classmethod
   def from_dict(cls, d):
-    """Reads a diffusers config dict; `_`-prefixed metadata is skipped, unknown keys are errors."""
+    """Reads a diffusers config dict or a config's `model` ConfigDict; `_`-prefixed metadata is
+    skipped, unknown keys are errors."""
+    d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
     known = {f.name for f in dataclasses.fields(cls)}
     d = {k: v for k, v in d.items() if not k.startswith("_")}
     if d.pop("dropout", 0.0):
@@ -293,19 +297,21 @@ class SanaTransformer(nnx.Module):
       encoder_attention_mask = jnp.ones(y.shape[:2], jnp.float32)
     mask_bias = (1.0 - encoder_attention_mask.astype(jnp.float32)) * _MASK_BIAS
 
+    h, y = parallel.constrain(h, _TOKENS), parallel.constrain(y, _TOKENS)
     h = self._run_blocks(h, t6, y, mask_bias, (hp, wp))
 
     shift, scale = jnp.split(self.scale_shift_table[...].astype(self.dtype)[None] + t_emb[:, None], 2, axis=1)
     h = self.norm_out(h) * (1 + scale) + shift
     out = self.proj_out(h)  # [B, N, p*p*C] in (p_row, p_col, C) order
     out = out.reshape(b, hp, wp, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, H, W, -1)
-    return out
+    return parallel.constrain(out, ("batch", None, None, None))
 
   def _run_blocks(self, h, t6, y, mask_bias, hw):
     graphdef, stacked = nnx.split(self.blocks)
 
     def body(carry, layer_state):
-      return nnx.merge(graphdef, layer_state)(carry, t6, y, mask_bias, hw), None
+      out = nnx.merge(graphdef, layer_state)(carry, t6, y, mask_bias, hw)
+      return parallel.constrain(out, _TOKENS), None
 
     policy = REMAT_POLICIES[self.config.remat]
     if self.config.remat != "none":
@@ -320,3 +326,14 @@ class SanaTransformer(nnx.Module):
     from sana_jax.convert import diffusers_dit
     return diffusers_dit.load(path, dtype=dtype, param_dtype=param_dtype or dtype,
                               attention_impl=attention_impl, mesh=mesh, rules=rules, **config_overrides)
+
+
+def pure_forward(model):
+  """(apply, state): apply(state, x, timestep, text, mask, guidance=None) is a pure function of the
+  split-once state, for `jax.jit` on hot paths without an NNX graph walk per call."""
+  graphdef, state = nnx.split(model)
+
+  def apply(state, x, timestep, encoder_hidden_states, encoder_attention_mask=None, guidance=None):
+    return nnx.merge(graphdef, state)(x, timestep, encoder_hidden_states, encoder_attention_mask, guidance)
+
+  return apply, state

@@ -1,0 +1,55 @@
+"""The configs describe the released models: parameter counts equal the reference's."""
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sana_jax
+from configs import common
+
+EXPECTED = {  # diffusers SanaTransformer2DModel parameter counts (32 latent channels, caption 2304)
+    "sana_600m": 591_747_872,
+    "sana_1600m": 1_604_462_752,
+    "sana15_4800m": 4_721_825_952,
+}
+
+
+def param_count(model_cfg):
+  cfg = sana_jax.SanaTransformerConfig.from_dict(model_cfg)
+  abstract = nnx.eval_shape(lambda: sana_jax.SanaTransformer(cfg, rngs=nnx.Rngs(0)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+@pytest.mark.parametrize("name,res", [(n, r) for n in ("sana_600m", "sana_1600m") for r in common.RESOLUTIONS]
+                         + [("sana15_4800m", 1024)])
+def test_parameter_count_matches_reference(name, res):
+  c = importlib.import_module(f"configs.{name}").get_config(f"res={res}")
+  assert param_count(c.model) == EXPECTED[name]
+  assert c.latent_size == res // 32
+  assert (c.model.interpolation_scale is not None) == (res >= 2048)
+
+
+def test_sana15_and_sprint_variants():
+  from configs import sana15_1600m, sana_sprint_1600m
+  assert sana15_1600m.get_config().model.qk_norm == "rms_norm_across_heads"
+  sprint = sana_sprint_1600m.get_config().model
+  assert sprint.guidance_embeds and sprint.qk_norm == "rms_norm_across_heads"
+  assert param_count(sprint) > EXPECTED["sana_1600m"]  # + guidance embedder + qk norms
+
+
+def test_runlocal_builds_and_runs():
+  from configs import sana_600m
+  c = sana_600m.get_config("res=512,runlocal")
+  model = sana_jax.SanaTransformer(sana_jax.SanaTransformerConfig.from_dict(c.model), rngs=nnx.Rngs(0))
+  x = jnp.ones((1, c.latent_size, c.latent_size, 32))
+  out = model(x, jnp.array([0.5]), jnp.ones((1, 5, c.model.caption_channels)), jnp.ones((1, 5)))
+  assert out.shape == x.shape and bool(jnp.isfinite(out).all())
+
+
+def test_parse_arg_rejects_unknown_keys():
+  with pytest.raises(ValueError, match="resolution"):
+    common.parse_arg("resolution=1024", res=1024)
+  assert common.parse_arg("res=2048,runlocal", res=1024, runlocal=False).to_dict() == {"res": 2048, "runlocal": True}
