@@ -249,23 +249,22 @@ class SanaTransformer(nnx.Module):
     d, p = cfg.inner_dim, cfg.patch_size
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.dtype = dtype
-    with nnx.use_eager_sharding(False):  # sharding is applied explicitly by sana_jax.parallel
-      self.patch_embed = L.Dense(p * p * cfg.in_channels, d, ("patch", "embed"), **kw)
-      self.time_embed = TimeEmbed(d, cfg.guidance_embeds, **kw)
-      self.caption_projection = CaptionProjection(cfg.caption_channels, d, **kw)
-      self.caption_norm = L.RMSNorm(d, "embed", eps=1e-5, **kw)
+    self.patch_embed = L.Dense(p * p * cfg.in_channels, d, ("patch", "embed"), **kw)
+    self.time_embed = TimeEmbed(d, cfg.guidance_embeds, **kw)
+    self.caption_projection = CaptionProjection(cfg.caption_channels, d, **kw)
+    self.caption_norm = L.RMSNorm(d, "embed", eps=1e-5, **kw)
 
-      @nnx.split_rngs(splits=cfg.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make_blocks(rngs):
-        return SanaBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return SanaBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-      self.blocks = make_blocks(rngs)
-      self.scale_shift_table = L.param(rngs, nnx.initializers.normal(d ** -0.5), (2, d), (None, "embed"),
-                                       param_dtype)
-      self.norm_out = L.LayerNorm(d, "embed", eps=1e-6, **kw)
-      out_ch = cfg.out_channels or cfg.in_channels
-      self.proj_out = L.Dense(d, p * p * out_ch, ("embed", "patch"), kernel_init=L.zeros, **kw)
+    self.blocks = make_blocks(rngs)
+    self.scale_shift_table = L.param(rngs, nnx.initializers.normal(d ** -0.5), (2, d), (None, "embed"),
+                                     param_dtype)
+    self.norm_out = L.LayerNorm(d, "embed", eps=1e-6, **kw)
+    out_ch = cfg.out_channels or cfg.in_channels
+    self.proj_out = L.Dense(d, p * p * out_ch, ("embed", "patch"), kernel_init=L.zeros, **kw)
     self.set_attention_impl(attention_impl)
 
   def set_attention_impl(self, impl):

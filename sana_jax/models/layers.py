@@ -24,8 +24,13 @@ def einsum_f32(eq, *operands, precision=None):
 
 
 def param(rngs, init, shape, axes, dtype):
-  """A Param carrying logical axis names; parallel.py maps the names to mesh axes."""
-  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+  """A Param carrying logical axis names; parallel.py maps the names to mesh axes.
+
+  Flax's eager sharding (place at creation) is off: params are placed explicitly by
+  sana_jax.parallel, so modules build the same with or without a mesh in context.
+  """
+  with nnx.use_eager_sharding(False):
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
 
 
 class Dense(nnx.Module):
