@@ -103,6 +103,11 @@ def run_model(cfg, name, res, batches, dtype_name, device, repeats, try_compile,
       except Exception as e:  # noqa: BLE001
         print(f"# torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}", file=sys.stderr)
         compiled_ref = None
+    with torch.no_grad():
+      theirs = ref(tx, encoder_hidden_states=ty, timestep=tt, encoder_attention_mask=tm, return_dict=False)[0]
+    theirs = theirs.float().cpu().numpy().transpose(0, 2, 3, 1)
+    mine = np.asarray(fwd(state, *jargs).astype(jnp.float32))
+    agreement = float(np.linalg.norm(mine - theirs) / np.linalg.norm(theirs))
     times = time_alternating(candidates, repeats)
     flops = 2 * forward_macs(cfg, batch, latent * latent, TEXT_LEN)
     record = dict(bench="dit_forward", model=name, res=res, batch=batch, dtype=dtype_name,
@@ -110,7 +115,8 @@ def run_model(cfg, name, res, batches, dtype_name, device, repeats, try_compile,
                   ours_ms=round(times["ours"] * 1e3, 3), diffusers_ms=round(times["diffusers"] * 1e3, 3),
                   ratio=round(times["ours"] / times["diffusers"], 3),
                   ours_tflops=round(flops / times["ours"] / 1e12, 2),
-                  diffusers_tflops=round(flops / times["diffusers"] / 1e12, 2))
+                  diffusers_tflops=round(flops / times["diffusers"] / 1e12, 2),
+                  rel_err_vs_diffusers=round(agreement, 5))
     if "diffusers_compile" in times:
       record.update(diffusers_compile_ms=round(times["diffusers_compile"] * 1e3, 3),
                     ratio_vs_compile=round(times["ours"] / times["diffusers_compile"], 3))

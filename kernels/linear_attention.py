@@ -16,9 +16,11 @@ def linear_attention_reference(q, k, v, eps=1e-15):
   first (products of two bf16 numbers are exact in float32) without materialising the casts.
   """
   hi = jax.lax.Precision.HIGHEST  # keep float32 sums out of TF32/bf16 passes on GPUs and TPUs
-  if jax.default_backend() == "cpu":  # XLA:CPU has no bf16 x bf16 -> f32 dot
+  if jax.default_backend() == "cpu" or k.dtype == jnp.float32:  # XLA:CPU has no bf16 x bf16 -> f32 dot
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-  kv = jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32, precision=hi)
+    kv = jnp.einsum("bnhd,bnhe->bhde", k, v, precision=hi)
+  else:  # low-precision operands, float32 accumulation: exact, and on the tensor cores
+    kv = jnp.einsum("bnhd,bnhe->bhde", k, v, preferred_element_type=jnp.float32)
   k_sum = jnp.sum(k.astype(jnp.float32), axis=1)  # [B, H, D]
   q32 = q.astype(jnp.float32)
   num = jnp.einsum("bnhd,bhde->bnhe", q32, kv, precision=hi)

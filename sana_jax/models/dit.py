@@ -179,11 +179,7 @@ class CrossAttention(nnx.Module):
     q = q.reshape(b, n, self.heads, self.head_dim)
     k = k.reshape(b, -1, self.heads, self.head_dim)
     v = v.reshape(b, -1, self.heads, self.head_dim)
-    logits = L.einsum_f32("bnhd,blhd->bhnl", q, k)
-    logits = logits * (self.head_dim ** -0.5) + mask_bias[:, None, None, :]
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhnl,blhd->bnhd", probs, v).reshape(b, n, -1)
-    return self.to_out(out)
+    return self.to_out(L.masked_attention(q, k, v, mask_bias).reshape(b, n, -1))
 
 
 class MixFFN(nnx.Module):
