@@ -116,7 +116,7 @@ def run_model(cfg, name, res, batches, dtype_name, device, repeats, try_compile,
                   ratio=round(times["ours"] / times["diffusers"], 3),
                   ours_tflops=round(flops / times["ours"] / 1e12, 2),
                   diffusers_tflops=round(flops / times["diffusers"] / 1e12, 2),
-                  rel_err_vs_diffusers=round(agreement, 5))
+                  rel_err_vs_diffusers=float(f"{agreement:.3g}"))
     if "diffusers_compile" in times:
       record.update(diffusers_compile_ms=round(times["diffusers_compile"] * 1e3, 3),
                     ratio_vs_compile=round(times["ours"] / times["diffusers_compile"], 3))
