@@ -46,6 +46,9 @@ def forward_macs(cfg, batch, tokens, text_len):
   return batch * (layers * per_layer + other)
 
 
+OVERRIDES = {}  # --set key=value: SanaTransformerConfig fields of ours only (e.g. scan_unroll=4)
+
+
 def build_models(cfg, dtype_name, device, tmp):
   """A random diffusers model (on `device`), saved in the official format and loaded by us."""
   import torch
@@ -56,7 +59,7 @@ def build_models(cfg, dtype_name, device, tmp):
     ref = diffusers.SanaTransformer2DModel(**cfg).to(tdtype).eval()
   ref.save_pretrained(tmp)
   jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
-  return ref, sana_jax.SanaTransformer.from_pretrained(tmp, dtype=jdtype)
+  return ref, sana_jax.SanaTransformer.from_pretrained(tmp, dtype=jdtype, **OVERRIDES)
 
 
 def run_model(cfg, name, res, batches, dtype_name, device, repeats, try_compile, profile_dir=None):
@@ -128,7 +131,7 @@ def run_model(cfg, name, res, batches, dtype_name, device, repeats, try_compile,
     torch.cuda.empty_cache()
 
 
-def top_ops(fn, out_dir, n=25):
+def top_ops(fn, out_dir, n=40):
   """Profiles three calls of `fn` and prints the device ops that took the most time."""
   import collections
   import glob
@@ -140,9 +143,12 @@ def top_ops(fn, out_dir, n=25):
   trace = json.load(gzip.open(sorted(glob.glob(f"{out_dir}/**/*perfetto_trace.json.gz", recursive=True))[-1]))
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   total = collections.Counter()
+  device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                 and "/device:" in str(e.get("args", {}).get("name", ""))}
   for e in events:
-    if e.get("ph") == "X":
+    if e.get("ph") == "X" and (not device_pids or e.get("pid") in device_pids):
       total[e.get("name", "?")] += e.get("dur", 0) / 3
+  print(f"#  device total {sum(total.values()) / 1e3:.3f} ms per call", file=sys.stderr)
   for name, us in total.most_common(n):
     print(f"#  {us / 1e3:9.3f} ms  {name[:110]}", file=sys.stderr)
 
@@ -156,7 +162,11 @@ def main():
   p.add_argument("--res", default="1024,4096")
   p.add_argument("--batch", default="1,2,8")
   p.add_argument("--profile", default=None, help="directory: print the top device ops of our forward")
+  p.add_argument("--set", action="append", default=[], help="key=value override of our model config")
   args = p.parse_args()
+  for item in args.set:
+    key, value = item.split("=", 1)
+    OVERRIDES[key] = type(getattr(sana_jax.SanaTransformerConfig, key))(value)
   if args.preset == "cpu":
     run_model(MEDIUM, "medium", 1024, [2], "float32", "cpu", args.repeats or 15, not args.no_compile,
               args.profile)

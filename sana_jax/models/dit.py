@@ -53,6 +53,7 @@ class SanaTransformerConfig:
   # ours, not in diffusers' config
   linear_attention_eps: float = 1e-15  # diffusers; the original repository uses 1e-8
   remat: str = "none"
+  scan_unroll: int = 1  # layers per scan iteration; compile time grows with it
 
   @property
   def inner_dim(self):
@@ -311,7 +312,7 @@ class SanaTransformer(nnx.Module):
     policy = REMAT_POLICIES[self.config.remat]
     if self.config.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    h, _ = jax.lax.scan(body, h, stacked)
+    h, _ = jax.lax.scan(body, h, stacked, unroll=self.config.scan_unroll)
     return h
 
   @classmethod

@@ -152,8 +152,9 @@ def depthwise_conv3x3(x, kernel, bias):
 def _depthwise_grouped_conv(x, kernel, bias):
   shape = x.shape
   channels = int(np.prod(shape[3:]))
+  # output in the input dtype (cuDNN accumulates in float32 inside): a float32 result would double
+  # the bytes written and need a separate conversion pass, the costliest part of this op
   y = jax.lax.conv_general_dilated(
       x.reshape(*shape[:3], channels), kernel.astype(x.dtype).reshape(3, 3, 1, channels), (1, 1), "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
-      preferred_element_type=jnp.float32)
-  return (y + bias.astype(jnp.float32).reshape(channels)).astype(x.dtype).reshape(shape)
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+  return (y + bias.astype(x.dtype).reshape(channels)).reshape(shape)
