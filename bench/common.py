@@ -1,11 +1,15 @@
 """Shared benchmark helpers: timing alternating runs, device names, the commit, JSON lines."""
 import json
+import os
 import statistics
 import subprocess
 import time
 
 
 def commit():
+  """Short hash of HEAD; SANA_BENCH_COMMIT overrides it where the tree travels without .git."""
+  if os.environ.get("SANA_BENCH_COMMIT"):
+    return os.environ["SANA_BENCH_COMMIT"]
   try:
     return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                    stderr=subprocess.DEVNULL).strip()
