@@ -52,7 +52,7 @@ def sana_transformer(size, res, *, qk_norm=False, guidance_embeds=False):
       interpolation_scale=placeholder(float) if scale is None else scale,
       qk_norm=placeholder(str) if not qk_norm else "rms_norm_across_heads",
       guidance_embeds=guidance_embeds, guidance_embeds_scale=0.1, timestep_scale=1.0,
-      linear_attention_eps=1e-15, remat="none", **s))
+      linear_attention_eps=1e-15, remat="none", scan_unroll=2, **s))
 
 
 def shrink_for_runlocal(model):

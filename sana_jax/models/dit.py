@@ -53,7 +53,9 @@ class SanaTransformerConfig:
   # ours, not in diffusers' config
   linear_attention_eps: float = 1e-15  # diffusers; the original repository uses 1e-8
   remat: str = "none"
-  scan_unroll: int = 1  # layers per scan iteration; compile time grows with it
+  # layers per scan iteration. 2 costs one extra block of compile time (still flat in depth) and
+  # runs faster on XLA:CPU (medium bench: 342 -> 310 ms) and on an H100 (Sana 0.6B: 35.7 -> 34.7 ms)
+  scan_unroll: int = 2
 
   @property
   def inner_dim(self):
