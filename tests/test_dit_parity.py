@@ -110,31 +110,24 @@ def test_sharded_checkpoint_loads(tmp_path):
   np.testing.assert_array_equal(np.asarray(a(x, t, y, mask)), np.asarray(b(x, t, y, mask)))
 
 
-def _rewrite_weights(path, edit):
-  f = path / "diffusion_pytorch_model.safetensors"
+BAD_CHECKPOINTS = {  # edit of the state dict -> the error must name the offending key or parameter
+    "unknown key": (lambda sd: sd.__setitem__("transformer_blocks.0.attn1.to_x.weight", torch.zeros(2)),
+                    r"transformer_blocks\.0\.attn1\.to_x\.weight"),
+    "missing key": (lambda sd: sd.pop("transformer_blocks.1.ff.conv_point.weight"),
+                    r"ff\.conv_point\.kernel.*layer\(s\) \[1\]"),
+    "wrong shape": (lambda sd: sd.__setitem__("proj_out.bias", torch.zeros(5)), r"proj_out\.bias"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint_error_names_the_key(tmp_path, case):
+  edit, pattern = BAD_CHECKPOINTS[case]
+  make_reference(tmp_path)
+  f = tmp_path / "diffusion_pytorch_model.safetensors"
   sd = safetensors.torch.load_file(f)
   edit(sd)
   safetensors.torch.save_file(sd, f)
-
-
-def test_unknown_key_is_named(tmp_path):
-  make_reference(tmp_path)
-  _rewrite_weights(tmp_path, lambda sd: sd.__setitem__("transformer_blocks.0.attn1.to_x.weight", torch.zeros(2)))
-  with pytest.raises(sana_jax.SanaError, match=r"transformer_blocks\.0\.attn1\.to_x\.weight"):
-    sana_jax.SanaTransformer.from_pretrained(tmp_path)
-
-
-def test_missing_key_is_named(tmp_path):
-  make_reference(tmp_path)
-  _rewrite_weights(tmp_path, lambda sd: sd.pop("transformer_blocks.1.ff.conv_point.weight"))
-  with pytest.raises(sana_jax.SanaError, match=r"ff\.conv_point\.kernel.*layer\(s\) \[1\]"):
-    sana_jax.SanaTransformer.from_pretrained(tmp_path)
-
-
-def test_wrong_shape_is_named(tmp_path):
-  make_reference(tmp_path)
-  _rewrite_weights(tmp_path, lambda sd: sd.__setitem__("proj_out.bias", torch.zeros(5)))
-  with pytest.raises(sana_jax.SanaError, match=r"proj_out\.bias"):
+  with pytest.raises(sana_jax.SanaError, match=pattern):
     sana_jax.SanaTransformer.from_pretrained(tmp_path)
 
 
