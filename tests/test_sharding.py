@@ -58,3 +58,23 @@ def test_logical_spec_skips_indivisible_and_reused_axes():
   assert parallel.logical_to_spec(("embed", "embed"), (8, 8), mesh) == P("fsdp", None)
   rules = parallel.rules_from_config({"embed": None})
   assert parallel.logical_to_spec(("embed", "heads"), (8, 8), mesh, rules) == P(None, "tensor")
+
+
+def test_logical_spec_is_always_valid():
+  """For any dims and logical names: no mesh axis used twice, every split dim divisible."""
+  from hypothesis import given, settings, strategies as st
+  mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+  names = st.sampled_from([None, "batch", "embed", "embed_out", "heads", "mlp", "layers", "caption"])
+
+  @settings(max_examples=200, deadline=None)
+  @given(st.lists(st.tuples(names, st.integers(1, 64)), min_size=1, max_size=5))
+  def check(dims):
+    spec = parallel.logical_to_spec([n for n, _ in dims], [s for _, s in dims], mesh)
+    used = []
+    for entry, (_, size) in zip(spec, dims):
+      axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+      used += axes
+      assert size % int(np.prod([mesh.shape[a] for a in axes] or [1])) == 0
+    assert len(used) == len(set(used))
+
+  check()

@@ -4,8 +4,6 @@ Blocks are built once with stacked parameters (leading "layers" axis) and run un
 so compile time does not grow with depth; `remat` picks a rematerialisation policy for training.
 """
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,7 @@ from flax import nnx
 from sana_jax import parallel
 from sana_jax.errors import SanaError
 from sana_jax.kernels import linear_attention
+from sana_jax.kernels.linear_attention import IMPLEMENTATIONS
 from sana_jax.models import layers as L
 
 _TOKENS = ("batch", None, None)  # activation layout [B, N, D]: batch split, tokens and width whole
@@ -267,6 +266,9 @@ class SanaTransformer(nnx.Module):
     self.set_attention_impl(attention_impl)
 
   def set_attention_impl(self, impl):
+    """Linear-attention backend: "auto" (the fastest that works), or one forced by name."""
+    if impl not in IMPLEMENTATIONS:
+      raise SanaError(f"attention_impl={impl!r}; expected one of {IMPLEMENTATIONS}")
     self.blocks.attn1.attention_impl = impl
 
   def __call__(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, guidance=None):
