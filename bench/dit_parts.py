@@ -30,7 +30,7 @@ def timed(fn, *args, repeats=20):
 
 
 def glu_shifted(h, k, b):  # current: [B, H, W, 2, C] -> [B, H, W, C]
-  h = L.depthwise_conv3x3(jax.nn.silu(h), k, b)
+  h = L.depthwise_conv(jax.nn.silu(h), k, b)
   return h[..., 0, :] * jax.nn.silu(h[..., 1, :])
 
 

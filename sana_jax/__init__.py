@@ -1,6 +1,7 @@
 """sana-jax: NVIDIA's Sana text-to-image system in JAX/Flax NNX."""
 from sana_jax.errors import SanaError
+from sana_jax.models.dcae import DCAE, DCAEConfig
 from sana_jax.models.dit import SanaTransformer, SanaTransformerConfig
 
-__all__ = ["SanaError", "SanaTransformer", "SanaTransformerConfig"]
+__all__ = ["DCAE", "DCAEConfig", "SanaError", "SanaTransformer", "SanaTransformerConfig"]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Applies a conversion table: [(source regex, target path, transform)] -> nested state dict.
 
+A target of None consumes the key and drops it (e.g. BatchNorm's num_batches_tracked).
 A target path may contain `{layer}`: such parameters are stacked along a leading layers axis, in
 the order of the layer index the regex captures as its first group. Every source key must match
 exactly one rule, and every parameter of the target tree must be filled with the expected shape;
@@ -23,6 +24,8 @@ def convert(state_dict, table, expected_shapes, num_layers, source="checkpoint")
     if len(hits) > 1:
       raise SanaError(f"{source}: key {name!r} matches several conversion rules")
     m, target, fn = hits[0]
+    if target is None:
+      continue
     value = fn(np.asarray(array))
     dotted = m.expand(target)
     if "{layer}" in dotted:
@@ -75,3 +78,26 @@ def linear(w):
 def conv1x1(w):
   """torch 1x1 Conv2d weight [out, in, 1, 1] -> kernel [in, out]."""
   return w[:, :, 0, 0].T
+
+
+def conv_oihw(w):
+  """torch Conv2d weight [out, in, kh, kw] -> HWIO kernel [kh, kw, in, out]."""
+  return w.transpose(2, 3, 1, 0)
+
+
+def depthwise(w):
+  """torch depthwise Conv2d weight [C, 1, kh, kw] -> [kh, kw, C]."""
+  return w[:, 0].transpose(1, 2, 0)
+
+
+# GLUMBConv's expanded channels are stored as [2, hidden] (value, gate) rather than [2 * hidden]
+def glu_expand(w):  # [2h, D, 1, 1] -> [D, 2, h]
+  return conv1x1(w).reshape(w.shape[1], 2, -1)
+
+
+def glu_depthwise(w):  # [2h, 1, 3, 3] -> [3, 3, 2, h]
+  return depthwise(w).reshape(w.shape[2], w.shape[3], 2, -1)
+
+
+def split_two(b):  # [2h] -> [2, h]
+  return b.reshape(2, -1)

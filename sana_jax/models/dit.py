@@ -202,7 +202,7 @@ class MixFFN(nnx.Module):
   def __call__(self, x):
     """x: [B, H, W, D] -> [B, H, W, D]."""
     h = jax.nn.silu(self.conv_inverted(x))  # [B, H, W, 2, hidden]
-    h = L.depthwise_conv3x3(h, self.conv_depth_kernel[...], self.conv_depth_bias[...])
+    h = L.depthwise_conv(h, self.conv_depth_kernel[...], self.conv_depth_bias[...])
     return self.conv_point(h[..., 0, :] * jax.nn.silu(h[..., 1, :]))
 
 

@@ -130,32 +130,36 @@ def sincos_pos_embed_2d(dim, height, width, base_size, interpolation_scale):
   return np.concatenate([one_axis(grid_x), one_axis(grid_y)], axis=1).astype(np.float32)
 
 
-def depthwise_conv3x3(x, kernel, bias):
-  """x: [B, H, W, *C], kernel [3, 3, *C], bias [*C]; zero padding 1, one filter per channel.
+def depthwise_conv(x, kernel, bias=None):
+  """x: [B, H, W, *C], kernel [k, k, *C] (k odd), bias [*C] or None; zero "same" padding,
+  one filter per channel.
 
   GPUs run it as a grouped convolution (cuDNN's depthwise kernels: 2.4x faster than the form
-  below at Sana 0.6B shapes on an H100). Elsewhere it is nine shifted multiply-adds summed in
+  below at Sana 0.6B shapes on an H100). Elsewhere it is k*k shifted multiply-adds summed in
   float32, which XLA fuses into one memory-bound loop; grouped convs are very slow on XLA:CPU.
   """
   if jax.default_backend() == "gpu":
     return _depthwise_grouped_conv(x, kernel, bias)
+  k, r = kernel.shape[0], kernel.shape[0] // 2
   h, w = x.shape[1], x.shape[2]
-  pad = [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * (x.ndim - 3)
+  pad = [(0, 0), (r, r), (r, r)] + [(0, 0)] * (x.ndim - 3)
   xp = jnp.pad(x.astype(jnp.float32), pad)
   kernel = kernel.astype(jnp.float32)
-  out = bias.astype(jnp.float32)
-  for dy in range(3):
-    for dx in range(3):
+  out = jnp.zeros((), jnp.float32) if bias is None else bias.astype(jnp.float32)
+  for dy in range(k):
+    for dx in range(k):
       out = out + xp[:, dy:dy + h, dx:dx + w] * kernel[dy, dx]
   return out.astype(x.dtype)
 
 
 def _depthwise_grouped_conv(x, kernel, bias):
-  shape = x.shape
+  shape, k = x.shape, kernel.shape[0]
   channels = int(np.prod(shape[3:]))
   # output in the input dtype (cuDNN accumulates in float32 inside): a float32 result would double
   # the bytes written and need a separate conversion pass, the costliest part of this op
   y = jax.lax.conv_general_dilated(
-      x.reshape(*shape[:3], channels), kernel.astype(x.dtype).reshape(3, 3, 1, channels), (1, 1), "SAME",
+      x.reshape(*shape[:3], channels), kernel.astype(x.dtype).reshape(k, k, 1, channels), (1, 1), "SAME",
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
-  return (y + bias.astype(x.dtype).reshape(channels)).reshape(shape)
+  if bias is not None:
+    y = y + bias.astype(x.dtype).reshape(channels)
+  return y.reshape(shape)

@@ -1,0 +1,51 @@
+"""The load path shared by the converters: config -> abstract model -> converted weights -> model."""
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+from sana_jax import parallel
+from sana_jax.convert import safetensors_io
+from sana_jax.convert.table import convert
+from sana_jax.errors import SanaError
+
+
+def resolve_dir(path, subfolder):
+  """A component directory (config.json + weights), or a pipeline directory holding it under `subfolder`."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise SanaError(f"model directory {path!r} does not exist")
+  if os.path.exists(os.path.join(path, "config.json")):
+    return path
+  sub = os.path.join(path, subfolder)
+  if os.path.exists(os.path.join(sub, "config.json")):
+    return sub
+  raise SanaError(f"{path}: no config.json (nor {subfolder}/config.json) found")
+
+
+def read_config(path, class_name):
+  with open(os.path.join(path, "config.json")) as f:
+    raw = json.load(f)
+  if raw.get("_class_name", class_name) != class_name:
+    raise SanaError(f"{path}/config.json describes a {raw['_class_name']}, not a {class_name}")
+  return raw
+
+
+def load_weights(path, build, table, *, num_layers=0, mesh=None, rules=None):
+  """Builds `build()` abstractly, fills it from diffusers safetensors in `path` via `table`."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))  # keys keep their types (List indices)
+  name = lambda key: tuple(map(str, key))
+  weights = convert(safetensors_io.read_dir(path, "diffusion_pytorch_model"), table,
+                    {name(k): v.shape for k, v in flat.items()}, num_layers, source=path)
+  shardings = {}
+  if mesh is not None:
+    tree = nnx.to_pure_dict(parallel.state_shardings(abstract, mesh, rules))
+    shardings = {name(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+  # cast on the host and transfer once; with a mesh each device receives only its own shard
+  arrays = {k: jax.device_put(np.asarray(weights[name(k)]).astype(v.dtype), shardings.get(name(k)))
+            for k, v in flat.items()}
+  nnx.replace_by_pure_dict(abstract, traverse_util.unflatten_dict(arrays))
+  return nnx.merge(graphdef, abstract)
