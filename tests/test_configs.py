@@ -53,3 +53,21 @@ def test_parse_arg_rejects_unknown_keys():
   with pytest.raises(ValueError, match="resolution"):
     common.parse_arg("resolution=1024", res=1024)
   assert common.parse_arg("res=2048,runlocal", res=1024, runlocal=False).to_dict() == {"res": 2048, "runlocal": True}
+
+
+@pytest.mark.parametrize("name", ["f32c32-sana", "f32c32-in", "f64c128-mix", "f128c512-in"])
+def test_dcae_configs_match_diffusers_parameter_count(name):
+  """Our DC-AE built from configs/dcae.py has exactly diffusers' parameters (counted on torch's meta device)."""
+  import diffusers
+  import torch
+  from configs import dcae
+  model_cfg = dcae.get_config(f"name={name}").model.to_dict()
+  with torch.device("meta"):
+    ref = diffusers.AutoencoderDC(**model_cfg)
+  ref_count = sum(p.numel() for p in ref.parameters())
+  ref_count += sum(b.numel() for n, b in ref.named_buffers() if "running_" in n)  # batch-norm statistics
+  cfg = sana_jax.DCAEConfig.from_dict(model_cfg)
+  abstract = nnx.eval_shape(lambda: sana_jax.DCAE(cfg, rngs=nnx.Rngs(0)))
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
+  assert ours == ref_count
+  assert cfg.spatial_compression == int(name[1:name.index("c", 1)])
