@@ -344,8 +344,72 @@ class DCAE(nnx.Module):
     self._check(latents, 1, "latents")
     return self.decoder(latents.astype(self.dtype))
 
+  def tiled_decode(self, latents, tile=1024, stride=896):
+    """decode() in overlapping tiles of `tile` pixels every `stride` pixels, blended linearly over the
+    overlap, so memory is bounded by one tile. Equal to decode() when the image fits in one tile."""
+    f = self.config.spatial_compression
+    _check_tiling(tile, stride, f)
+    return _tiled(self._pure("decode"), latents, tile // f, stride // f, scale=f)
+
+  def tiled_encode(self, images, tile=1024, stride=896):
+    """encode() in overlapping pixel tiles, blended in latent space; exact when one tile covers all."""
+    self._check(images, self.config.spatial_compression, "images")
+    f = self.config.spatial_compression
+    _check_tiling(tile, stride, f)
+    return _tiled(self._pure("encode"), images, tile, stride, scale=1 / f)
+
+  def _pure(self, method):
+    """A jitted function of the input alone (the graph split once), compiled once per tile shape."""
+    graphdef, state = nnx.split(self)
+    fn = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
+    return lambda x: fn(state, x)
+
   @classmethod
   def from_pretrained(cls, path, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=None):
     """Loads a diffusers `AutoencoderDC` directory (config.json + safetensors), or a pipeline's vae/."""
     from sana_jax.convert import diffusers_dcae
     return diffusers_dcae.load(path, dtype=dtype, param_dtype=param_dtype or dtype, mesh=mesh, rules=rules)
+
+
+def _check_tiling(tile, stride, factor):
+  if tile % factor or stride % factor or not 0 < stride <= tile:
+    raise SanaError(f"tiling needs 0 < stride <= tile, both multiples of {factor} pixels; "
+                    f"got tile={tile}, stride={stride}")
+
+
+def _tiled(fn, x, tile, stride, scale):
+  """Applies `fn` to overlapping [tile x tile] windows of x every `stride` (input units); output units
+  are input units * scale. Each tile's top and left overlap is blended linearly with its neighbour's,
+  then tiles are cropped to the stride and concatenated (the scheme diffusers uses)."""
+  b, h, w, _ = x.shape
+  if h <= tile and w <= tile:
+    return fn(x)
+  out = lambda n: int(round(n * scale))
+  blend, keep = out(tile - stride), out(stride)
+  tiles = [[fn(x[:, i:i + tile, j:j + tile]) for j in range(0, w, stride)] for i in range(0, h, stride)]
+  rows = []
+  for r, row in enumerate(tiles):
+    pieces = []
+    for c, t in enumerate(row):
+      if r > 0:
+        t = _blend(tiles[r - 1][c], t, blend, axis=1)
+      if c > 0:
+        t = _blend(row[c - 1], t, blend, axis=2)
+      row[c] = t  # neighbours blend with the already-blended tile, as diffusers' in-place update does
+      pieces.append(t[:, :keep, :keep])
+    rows.append(jnp.concatenate(pieces, axis=2))
+  return jnp.concatenate(rows, axis=1)[:, :out(h), :out(w)]
+
+
+def _blend(prev, cur, extent, axis):
+  """Fades from the end of `prev` into the start of `cur` over `extent` rows (axis=1) or columns."""
+  extent = min(extent, prev.shape[axis], cur.shape[axis])
+  if extent <= 0:
+    return cur
+  shape = [1] * cur.ndim
+  shape[axis] = extent
+  weight = (jnp.arange(extent, dtype=jnp.float32) / extent).reshape(shape)
+  take = lambda a, start, n: jax.lax.slice_in_dim(a, start, start + n, axis=axis).astype(jnp.float32)
+  mixed = take(prev, prev.shape[axis] - extent, extent) * (1 - weight) + take(cur, 0, extent) * weight
+  rest = jax.lax.slice_in_dim(cur, extent, cur.shape[axis], axis=axis)
+  return jnp.concatenate([mixed.astype(cur.dtype), rest], axis=axis)
