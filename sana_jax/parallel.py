@@ -89,6 +89,11 @@ def shard_model(model, mesh, rules=None):
   return model
 
 
+def spatial_sharding(mesh, ndim=4):
+  """NHWC arrays split along height over every device of the mesh (for one very large image)."""
+  return NamedSharding(mesh, P(None, MESH_AXES, *(None,) * (ndim - 2)))
+
+
 def batch_sharding(mesh, ndim):
   """Leading (batch) dim split over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1),

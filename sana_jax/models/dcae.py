@@ -358,6 +358,23 @@ class DCAE(nnx.Module):
     _check_tiling(tile, stride, f)
     return _tiled(self._pure("encode"), images, tile, stride, scale=1 / f)
 
+  def sharded_decode(self, latents, mesh):
+    """decode() of one large image split along height across all devices of `mesh`.
+
+    Weights are replicated; the partitioner exchanges convolution halos between neighbouring
+    shards and all-reduces the linear-attention sums. Latent height must divide by the device count.
+    """
+    n = mesh.devices.size
+    if latents.shape[1] % n:
+      raise SanaError(f"latent height {latents.shape[1]} is not divisible by the {n} devices of the mesh")
+    from sana_jax import parallel
+    graphdef, state = nnx.split(self)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put(state, replicated)
+    spatial = parallel.spatial_sharding(mesh)
+    fn = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z), out_shardings=spatial)
+    return fn(state, jax.device_put(latents, spatial))
+
   def _pure(self, method):
     """A jitted function of the input alone (the graph split once), compiled once per tile shape."""
     graphdef, state = nnx.split(self)
