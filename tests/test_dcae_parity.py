@@ -124,6 +124,18 @@ def test_tiling_exact_for_one_tile_and_blending_helps(tmp_path):
     ours.tiled_decode(z, tile=32, stride=40)
 
 
+def test_tiled_decode_bounds_memory(tmp_path):
+  """Tiling caps scratch memory at one tile's: what lets a 4096 px decode fit where the whole does not."""
+  import jax
+  from flax import nnx
+  make_reference(tmp_path, CONFIGS["conv_interpolate_batchnorm"])
+  graphdef, state = nnx.split(sana_jax.DCAE.from_pretrained(tmp_path))
+  decode = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z))
+  scratch = lambda n: decode.lower(state, jnp.zeros((1, n, n, 8))).compile().memory_analysis().temp_size_in_bytes
+  whole, tile = scratch(256), scratch(32)  # a 1024 px image vs the 128 px tiles tiled_decode would run
+  assert tile * 16 < whole
+
+
 @pytest.mark.skipif(len(__import__("jax").devices()) < 8, reason="needs 8 devices; tests/conftest.py sets XLA_FLAGS")
 def test_decode_split_along_height_equals_single_device(tmp_path):
   from sana_jax import parallel
