@@ -1,7 +1,8 @@
 """sana-jax: NVIDIA's Sana text-to-image system in JAX/Flax NNX."""
 from sana_jax.errors import SanaError
 from sana_jax.models.dcae import DCAE, DCAEConfig
+from sana_jax.models.gemma import GemmaConfig, GemmaTextEncoder
 from sana_jax.models.dit import SanaTransformer, SanaTransformerConfig
 
-__all__ = ["DCAE", "DCAEConfig", "SanaError", "SanaTransformer", "SanaTransformerConfig"]
+__all__ = ["DCAE", "DCAEConfig", "GemmaConfig", "GemmaTextEncoder", "SanaError", "SanaTransformer", "SanaTransformerConfig"]
 __version__ = "0.1.0"

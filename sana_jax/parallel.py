@@ -23,6 +23,7 @@ DEFAULT_RULES = (
     ("embed_out", "tensor"),  # the second width axis of a D x D projection
     ("heads", "tensor"),      # attention inner dims (head-major, so heads split cleanly)
     ("mlp", "tensor"),        # Mix-FFN hidden channels
+    ("vocab", "tensor"),      # text-encoder embedding rows
     ("caption", None),
     ("patch", None),
     ("layers", None),         # the scanned axis of stacked block params

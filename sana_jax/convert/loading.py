@@ -25,20 +25,21 @@ def resolve_dir(path, subfolder):
   raise SanaError(f"{path}: no config.json (nor {subfolder}/config.json) found")
 
 
-def read_config(path, class_name):
+def read_config(path, class_name=None):
   with open(os.path.join(path, "config.json")) as f:
     raw = json.load(f)
-  if raw.get("_class_name", class_name) != class_name:
+  if class_name and raw.get("_class_name", class_name) != class_name:
     raise SanaError(f"{path}/config.json describes a {raw['_class_name']}, not a {class_name}")
   return raw
 
 
-def load_weights(path, build, table, *, num_layers=0, mesh=None, rules=None):
+def load_weights(path, build, table, *, num_layers=0, mesh=None, rules=None,
+                 weights_prefix="diffusion_pytorch_model"):
   """Builds `build()` abstractly, fills it from diffusers safetensors in `path` via `table`."""
   graphdef, abstract = nnx.split(nnx.eval_shape(build))
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))  # keys keep their types (List indices)
   name = lambda key: tuple(map(str, key))
-  weights = convert(safetensors_io.read_dir(path, "diffusion_pytorch_model"), table,
+  weights = convert(safetensors_io.read_dir(path, weights_prefix), table,
                     {name(k): v.shape for k, v in flat.items()}, num_layers, source=path)
   shardings = {}
   if mesh is not None:

@@ -1,0 +1,66 @@
+"""GemmaTextEncoder vs transformers' Gemma2Model on tiny random configs shifted off init."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import sana_jax
+from reference import rel_err, shift_off_init
+
+TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=64)
+
+
+def make_reference(tmp_path, seed=0, causal_lm=False, **overrides):
+  torch.manual_seed(seed)
+  config = transformers.Gemma2Config(**{**TINY, **overrides}, attn_implementation="eager")
+  cls = transformers.Gemma2ForCausalLM if causal_lm else transformers.Gemma2Model
+  ref = cls(config).eval()
+  shift_off_init(ref, seed=seed)
+  ref.save_pretrained(tmp_path)
+  return ref
+
+
+def inputs(batch=2, length=13, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, TINY["vocab_size"], (batch, length))
+  mask = np.ones((batch, length), np.int64)
+  mask[0, 9:] = 0  # right padding, as Sana's tokenizer pads
+  ids[0, 9:] = 0
+  return ids, mask
+
+
+@pytest.mark.parametrize("overrides", [dict(sliding_window=4), dict(sliding_window=64, attn_logit_softcapping=None)],
+                         ids=["window_shorter_than_sequence", "no_softcap_long_window"])
+def test_matches_transformers_float32(tmp_path, overrides):
+  ref = make_reference(tmp_path, **overrides)
+  ours = sana_jax.GemmaTextEncoder.from_pretrained(tmp_path)
+  ids, mask = inputs()
+  with torch.no_grad():
+    expected = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+  got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
+  valid = mask.astype(bool)  # padded positions are don't-care for Sana (masked out downstream) but compared too
+  assert rel_err(got[valid], expected[valid]) <= 1e-4
+  assert rel_err(got, expected) <= 1e-4
+
+
+def test_causal_lm_checkpoint_and_logits(tmp_path):
+  """A Gemma2ForCausalLM directory loads (lm_head is tied) and gives the same next-token logits."""
+  ref = make_reference(tmp_path, causal_lm=True, sliding_window=4)
+  ours = sana_jax.GemmaTextEncoder.from_pretrained(tmp_path)
+  ids, mask = inputs()
+  with torch.no_grad():
+    expected = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+  got = np.asarray(ours.lm_logits(ours(jnp.asarray(ids), jnp.asarray(mask))))
+  assert rel_err(got, expected) <= 1e-4
+
+
+def test_bfloat16_close_to_float32(tmp_path):
+  ref = make_reference(tmp_path, sliding_window=4)
+  ids, mask = inputs()
+  with torch.no_grad():
+    expected = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+  ours = sana_jax.GemmaTextEncoder.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+  got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32))
+  assert rel_err(got, expected) <= 3e-2
