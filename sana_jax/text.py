@@ -1,0 +1,108 @@
+"""Sana's prompt encoding: tokenizer + complex human instruction (CHI) + Gemma-2 + token selection.
+
+`PromptEncoder.encode(prompts, negative_prompt)` returns (embeds, mask, negative embeds, negative
+mask) exactly as diffusers' `SanaPipeline.encode_prompt` does (style="diffusers", the default), or as
+the original NVlabs repository does (style="original"): no lower-casing, and the unconditional branch
+is the null (empty-prompt) embedding without CHI, sharing the conditional branch's mask.
+"""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sana_jax.errors import SanaError
+
+log = logging.getLogger(__name__)
+
+# The instruction Sana prepends to every prompt (diffusers' SanaPipeline default; the same text as
+# the original repository's config), one line per entry, joined with newlines.
+COMPLEX_HUMAN_INSTRUCTION = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",
+    "User Prompt: ",
+)
+STYLES = ("diffusers", "original")
+
+
+def load_tokenizer(path_or_id):
+  """AutoTokenizer from a local directory (or a pipeline's tokenizer/); a hub id only if given and online."""
+  import os
+
+  from transformers import AutoTokenizer
+  path = os.fspath(path_or_id)
+  if os.path.isdir(os.path.join(path, "tokenizer")):
+    path = os.path.join(path, "tokenizer")
+  try:
+    return AutoTokenizer.from_pretrained(path)
+  except (OSError, ValueError) as e:
+    raise SanaError(f"cannot load a tokenizer from {path_or_id!r}: {str(e).splitlines()[0]}") from None
+
+
+class PromptEncoder:
+  """Encodes prompt batches with one jitted text-encoder call per batch and shape."""
+
+  def __init__(self, tokenizer, text_encoder, *, max_sequence_length=300,
+               complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION, style="diffusers"):
+    if style not in STYLES:
+      raise SanaError(f"prompt encoding style {style!r}; expected one of {STYLES}")
+    if max_sequence_length < 2:
+      raise SanaError(f"max_sequence_length must be at least 2, got {max_sequence_length}")
+    tokenizer.padding_side = "right"
+    self.tokenizer, self.style, self.max_sequence_length = tokenizer, style, max_sequence_length
+    self.chi = "\n".join(complex_human_instruction) if complex_human_instruction else ""
+    graphdef, state = nnx.split(text_encoder)
+    self._state = state
+    self._forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
+
+  def _preprocess(self, prompts):
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return prompts if self.style == "original" else [p.lower().strip() for p in prompts]
+
+  def _embed(self, texts, max_length):
+    """Right-padded, truncated tokens -> (hidden states, mask), both [B, max_length, ...]."""
+    tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                            add_special_tokens=True, return_tensors="np")
+    full = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+    for text, ids in zip(texts, full):
+      if len(ids) > max_length:
+        log.warning("prompt truncated to %d tokens (%d dropped): %r", max_length, len(ids) - max_length,
+                    text[-80:])
+    ids, mask = np.asarray(tokens["input_ids"]), np.asarray(tokens["attention_mask"])
+    return self._forward(self._state, jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask)
+
+  def encode_positive(self, prompts):
+    """Prompt embeddings [B, max_sequence_length, D] and mask: BOS + the last max_sequence_length - 1."""
+    texts = self._preprocess(prompts)
+    max_length = self.max_sequence_length
+    if self.chi:
+      texts = [self.chi + t for t in texts]
+      max_length = len(self.tokenizer.encode(self.chi)) + self.max_sequence_length - 2
+    embeds, mask = self._embed(texts, max_length)
+    keep = np.concatenate([[0], np.arange(max_length - self.max_sequence_length + 1, max_length)])
+    return embeds[:, keep], mask[:, keep]
+
+  def encode_negative(self, negative_prompts):
+    """Unconditional embeddings: no CHI, max_sequence_length tokens, no selection."""
+    return self._embed(self._preprocess(negative_prompts), self.max_sequence_length)
+
+  def encode(self, prompts, negative_prompt="", do_classifier_free_guidance=True):
+    """(embeds, mask, negative embeds, negative mask); the negatives are None without guidance."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    embeds, mask = self.encode_positive(prompts)
+    if not do_classifier_free_guidance:
+      return embeds, mask, None, None
+    if self.style == "original":  # the null embedding, with the conditional mask
+      neg, _ = self.encode_negative([""] * len(prompts))
+      return embeds, mask, neg, mask
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+      raise SanaError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    neg, neg_mask = self.encode_negative(negatives)
+    return embeds, mask, neg, neg_mask
