@@ -49,7 +49,7 @@ class PromptEncoder:
   """Encodes prompt batches with one jitted text-encoder call per batch and shape."""
 
   def __init__(self, tokenizer, text_encoder, *, max_sequence_length=300,
-               complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION, style="diffusers"):
+               complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION, style="diffusers", reuse_prefix=True):
     if style not in STYLES:
       raise SanaError(f"prompt encoding style {style!r}; expected one of {STYLES}")
     if max_sequence_length < 2:
@@ -57,25 +57,50 @@ class PromptEncoder:
     tokenizer.padding_side = "right"
     self.tokenizer, self.style, self.max_sequence_length = tokenizer, style, max_sequence_length
     self.chi = "\n".join(complex_human_instruction) if complex_human_instruction else ""
+    self.chi_ids = np.asarray(tokenizer.encode(self.chi)) if self.chi else np.zeros(0, int)
+    # Causal attention makes the CHI tokens' keys, values and outputs the same for every prompt, so
+    # they are computed once (per shared length) and each batch runs only the tokens after them.
+    self.reuse_prefix, self._prefixes = reuse_prefix, {}
     graphdef, state = nnx.split(text_encoder)
     self._state = state
-    self._forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
+    self._forward = jax.jit(lambda state, ids, mask, prefix: nnx.merge(graphdef, state)(ids, mask, prefix))
+    self._encode_prefix = jax.jit(lambda state, ids: nnx.merge(graphdef, state).encode_prefix(ids))
 
   def _preprocess(self, prompts):
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     return prompts if self.style == "original" else [p.lower().strip() for p in prompts]
 
-  def _embed(self, texts, max_length):
-    """Right-padded, truncated tokens -> (hidden states, mask), both [B, max_length, ...]."""
+  def _tokenize(self, texts, max_length):
+    """Right-padded, truncated token ids and mask [B, max_length]; warns about truncated prompts."""
     tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                             add_special_tokens=True, return_tensors="np")
-    full = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-    for text, ids in zip(texts, full):
+    for text, ids in zip(texts, self.tokenizer(texts, add_special_tokens=True)["input_ids"]):
       if len(ids) > max_length:
         log.warning("prompt truncated to %d tokens (%d dropped): %r", max_length, len(ids) - max_length,
                     text[-80:])
-    ids, mask = np.asarray(tokens["input_ids"]), np.asarray(tokens["attention_mask"])
-    return self._forward(self._state, jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask)
+    return np.asarray(tokens["input_ids"]), np.asarray(tokens["attention_mask"])
+
+  def _embed(self, texts, max_length):
+    """(hidden states [B, max_length, D], mask), reusing the cached CHI prefix where tokens allow."""
+    ids, mask = self._tokenize(texts, max_length)
+    shared = self._shared_prefix_length(ids)
+    if not shared:
+      return self._forward(self._state, jnp.asarray(ids), jnp.asarray(mask), None), jnp.asarray(mask)
+    if shared not in self._prefixes:
+      self._prefixes[shared] = self._encode_prefix(self._state, jnp.asarray(self.chi_ids[None, :shared]))
+    prefix = self._prefixes[shared]
+    rest = self._forward(self._state, jnp.asarray(ids[:, shared:]), jnp.asarray(mask[:, shared:]), prefix)
+    head = jnp.broadcast_to(prefix.hidden.astype(rest.dtype), (len(ids), *prefix.hidden.shape[1:]))
+    return jnp.concatenate([head, rest], axis=1), jnp.asarray(mask)
+
+  def _shared_prefix_length(self, ids):
+    """How many leading tokens every row shares with the tokenized CHI (0: no reuse). The last CHI
+    token can merge with a prompt's first characters, so this may be one short of the CHI's length."""
+    n = min(len(self.chi_ids), ids.shape[1] - 1)
+    if not (self.reuse_prefix and n > 0):
+      return 0
+    same = np.cumprod(ids[:, :n] == self.chi_ids[None, :n], axis=1)
+    return int(same.sum(axis=1).min())
 
   def encode_positive(self, prompts):
     """Prompt embeddings [B, max_sequence_length, D] and mask: BOS + the last max_sequence_length - 1."""
@@ -90,7 +115,8 @@ class PromptEncoder:
 
   def encode_negative(self, negative_prompts):
     """Unconditional embeddings: no CHI, max_sequence_length tokens, no selection."""
-    return self._embed(self._preprocess(negative_prompts), self.max_sequence_length)
+    ids, mask = self._tokenize(self._preprocess(negative_prompts), self.max_sequence_length)
+    return self._forward(self._state, jnp.asarray(ids), jnp.asarray(mask), None), jnp.asarray(mask)
 
   def encode(self, prompts, negative_prompt="", do_classifier_free_guidance=True):
     """(embeds, mask, negative embeds, negative mask); the negatives are None without guidance."""

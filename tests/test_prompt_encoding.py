@@ -65,6 +65,20 @@ def test_matches_diffusers_encode_prompt(reference):
   assert mask[3].all() and not mask[0].all()  # the long prompt fills every position, the short one pads
 
 
+def test_chi_prefix_reuse_equals_one_pass(reference):
+  """Encoding after the cached CHI prefix gives the one-pass result, and the cache is really used."""
+  root, _ = reference
+  model = sana_jax.GemmaTextEncoder.from_pretrained(root)
+  reuse = PromptEncoder(load_tokenizer(root), model, max_sequence_length=MAX_LEN)
+  once = PromptEncoder(load_tokenizer(root), model, max_sequence_length=MAX_LEN, reuse_prefix=False)
+  a, b = reuse.encode_positive(PROMPTS), once.encode_positive(PROMPTS)
+  assert len(reuse._prefixes) == 1 and not once._prefixes
+  shared = next(iter(reuse._prefixes))
+  assert len(reuse.chi_ids) - 1 <= shared <= len(reuse.chi_ids)
+  np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+  assert rel_err(np.asarray(a[0]), np.asarray(b[0])) <= 1e-5
+
+
 def test_truncation_warns_and_chi_can_be_switched_off(reference, caplog):
   root, pipe = reference
   encoder = PromptEncoder(load_tokenizer(root), sana_jax.GemmaTextEncoder.from_pretrained(root),

@@ -4,6 +4,7 @@ global attention) is a scanned flag, so compile time stays flat in depth.
 """
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,14 +90,20 @@ class GemmaAttention(nnx.Module):
     self.o_proj = dense(cfg.num_attention_heads * hd, d, ("heads", "embed"))
     self.cfg, self.dtype = cfg, kw["dtype"]
 
-  def __call__(self, x, cos, sin, mask):
-    """x [B, L, D]; cos/sin [L, hd]; mask [B, L, L] bool (query, key) -> [B, L, D]."""
+  def __call__(self, x, cos, sin, mask, prefix_kv=None):
+    """x [B, L, D]; cos/sin [L, hd]; mask [B, L, P + L] bool (query, key); prefix_kv: cached keys and
+    values [1, P, KV, hd] of P earlier tokens. Returns ([B, L, D], this call's (keys, values))."""
     cfg = self.cfg
     b, n, _ = x.shape
     kv, groups = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     q = rope(self.q_proj(x).reshape(b, n, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-    k = rope(self.k_proj(x).reshape(b, n, kv, cfg.head_dim), cos, sin)
-    v = self.v_proj(x).reshape(b, n, kv, cfg.head_dim)
+    k_new = rope(self.k_proj(x).reshape(b, n, kv, cfg.head_dim), cos, sin)
+    v_new = self.v_proj(x).reshape(b, n, kv, cfg.head_dim)
+    k, v = k_new, v_new
+    if prefix_kv is not None:
+      grow = lambda a: jnp.broadcast_to(a.astype(k.dtype), (b, *a.shape[1:]))
+      k = jnp.concatenate([grow(prefix_kv[0]), k], axis=1)
+      v = jnp.concatenate([grow(prefix_kv[1]), v], axis=1)
     q = q.reshape(b, n, kv, groups, cfg.head_dim)
     logits = L.einsum_f32("bqkgd,bmkd->bkgqm", q, k) * cfg.query_pre_attn_scalar ** -0.5
     if cfg.attn_logit_softcapping:
@@ -104,7 +111,7 @@ class GemmaAttention(nnx.Module):
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bkgqm,bmkd->bqkgd", probs, v).reshape(b, n, -1)
-    return self.o_proj(out)
+    return self.o_proj(out), (k_new, v_new)
 
 
 def rope(x, cos, sin):
@@ -136,9 +143,10 @@ class GemmaLayer(nnx.Module):
     self.self_attn = GemmaAttention(cfg, **kw)
     self.mlp = GemmaMLP(cfg, **kw)
 
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
-    return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+  def __call__(self, x, cos, sin, mask, prefix_kv=None):
+    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix_kv)
+    x = x + self.post_attention_layernorm(attn)
+    return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
 
 
 class GemmaTextEncoder(nnx.Module):
@@ -159,29 +167,46 @@ class GemmaTextEncoder(nnx.Module):
     self.norm = GemmaNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.dtype = dtype
 
-  def __call__(self, input_ids, attention_mask=None):
+  def __call__(self, input_ids, attention_mask=None, prefix=None):
+    """Last hidden states [B, L, hidden] of `input_ids` (right-padded; mask 1 = real token).
+
+    With `prefix` (from `encode_prefix`), input_ids continue those tokens: positions start after
+    them and attention also sees their cached keys and values. Causal attention makes this equal
+    to running prefix + input_ids in one pass.
+    """
+    return self._forward(input_ids, attention_mask, prefix, return_prefix=False)
+
+  def encode_prefix(self, prefix_ids):
+    """Hidden states and per-layer keys/values of a shared prefix [1, P] (e.g. Sana's CHI)."""
+    return self._forward(prefix_ids, None, None, return_prefix=True)
+
+  def _forward(self, input_ids, attention_mask, prefix, return_prefix):
     cfg = self.config
     b, n = input_ids.shape
+    offset = 0 if prefix is None else prefix.hidden.shape[1]
     if attention_mask is None:
       attention_mask = jnp.ones((b, n), jnp.int32)
     # the scale is cast to the compute dtype first, as transformers does (48.0 is exact in bf16)
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
     x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
-    cos, sin = rope_tables(n, cfg.head_dim, cfg.rope_theta, self.dtype)
-    pos = jnp.arange(n)
-    causal = pos[None, :] <= pos[:, None]                                   # [q, k]
-    full = causal[None] & (attention_mask[:, None, :] > 0)                   # [B, q, k]
-    sliding = full & (pos[None, :] > pos[:, None] - cfg.sliding_window)[None]
+    cos, sin = rope_tables(offset + n, cfg.head_dim, cfg.rope_theta, self.dtype)
+    cos, sin = cos[offset:], sin[offset:]
+    q_pos, k_pos = offset + jnp.arange(n), jnp.arange(offset + n)
+    key_valid = jnp.concatenate([jnp.ones((b, offset), bool), attention_mask > 0], axis=1)
+    full = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]        # [B, q, k]
+    sliding = full & (k_pos[None, :] > q_pos[:, None] - cfg.sliding_window)[None]
     graphdef, stacked = nnx.split(self.layers)
 
     def body(h, xs):
-      layer_state, is_sliding = xs
-      mask = jnp.where(is_sliding, sliding, full)
-      return nnx.merge(graphdef, layer_state)(h, cos, sin, mask), None
+      layer_state, is_sliding, prefix_kv = xs
+      h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, jnp.where(is_sliding, sliding, full), prefix_kv)
+      return h, (kv if return_prefix else None)
 
     flags = jnp.asarray(cfg.sliding_layers)
-    x, _ = jax.lax.scan(body, x, (stacked, flags), unroll=cfg.scan_unroll)
-    return self.norm(x)
+    prefix_kv = None if prefix is None else (prefix.keys, prefix.values)
+    x, kv = jax.lax.scan(body, x, (stacked, flags, prefix_kv), unroll=cfg.scan_unroll)
+    hidden = self.norm(x)
+    return GemmaPrefix(hidden, *kv) if return_prefix else hidden
 
   def lm_logits(self, hidden):
     """Next-token logits from hidden states (tied embeddings, final soft-capping): for classifiers."""
@@ -194,6 +219,13 @@ class GemmaTextEncoder(nnx.Module):
     """Loads a transformers Gemma-2 directory (Gemma2Model or Gemma2ForCausalLM), or a pipeline's text_encoder/."""
     from sana_jax.convert import transformers_gemma
     return transformers_gemma.load(path, dtype=dtype, param_dtype=param_dtype or dtype, mesh=mesh, rules=rules)
+
+
+class GemmaPrefix(NamedTuple):
+  """A shared prefix's outputs: hidden [1, P, D] and per-layer keys/values [layers, 1, P, KV, hd]."""
+  hidden: jax.Array
+  keys: jax.Array
+  values: jax.Array
 
 
 def rope_tables(n, head_dim, theta, dtype):
