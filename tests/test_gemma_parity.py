@@ -64,3 +64,20 @@ def test_bfloat16_close_to_float32(tmp_path):
   ours = sana_jax.GemmaTextEncoder.from_pretrained(tmp_path, dtype=jnp.bfloat16)
   got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32))
   assert rel_err(got, expected) <= 3e-2
+
+
+@pytest.mark.skipif(len(__import__("jax").devices()) < 8, reason="needs 8 devices; tests/conftest.py sets XLA_FLAGS")
+def test_sharded_weights_same_hidden_states(tmp_path):
+  import jax
+  from jax.sharding import PartitionSpec as P
+  from sana_jax import parallel
+  make_reference(tmp_path, sliding_window=4)
+  single = sana_jax.GemmaTextEncoder.from_pretrained(tmp_path)
+  mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+  sharded = sana_jax.GemmaTextEncoder.from_pretrained(tmp_path, mesh=mesh)
+  q = sharded.layers.self_attn.q_proj.kernel[...]  # [layers, hidden 48, heads * hd 64]
+  assert q.sharding.spec == P(None, "fsdp", "tensor")
+  assert sharded.layers.mlp.down_proj.kernel[...].sharding.spec == P(None, "tensor", "fsdp")
+  ids, mask = inputs(batch=4)
+  got = jax.jit(lambda m, i, a: m(i, a))(sharded, jnp.asarray(ids), jnp.asarray(mask))
+  assert rel_err(np.asarray(got), np.asarray(single(jnp.asarray(ids), jnp.asarray(mask)))) <= 1e-5
