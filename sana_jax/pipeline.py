@@ -1,0 +1,146 @@
+"""SanaPipeline: prompts -> Gemma-2 embeddings -> one jitted denoising scan -> DC-AE decode -> images.
+
+Mirrors diffusers' SanaPipeline: `SanaPipeline.from_pretrained(dir)` reads a diffusers-format Sana
+directory (model_index.json with tokenizer, text_encoder, transformer, vae, scheduler).
+Latents are NHWC.
+"""
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sana_jax.errors import SanaError
+from sana_jax.models.dcae import DCAE
+from sana_jax.models.dit import SanaTransformer
+from sana_jax.models.gemma import GemmaTextEncoder
+from sana_jax.sampling import SAMPLERS, denoise
+from sana_jax.text import PromptEncoder, load_tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+SCHEDULERS = {"DPMSolverMultistepScheduler": "flow_dpm", "FlowMatchEulerDiscreteScheduler": "flow_euler"}
+
+
+@dataclasses.dataclass
+class SanaPipelineOutput:
+  images: object  # list of PIL images, or an array [B, H, W, 3] in [0, 1] ("np"), or latents ("latent")
+
+
+def resolve_model(path_or_id):
+  """A local directory as it is; anything else is taken for a hub id, fetched only when online."""
+  path = os.fspath(path_or_id)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+    raise SanaError(f"model directory {path!r} does not exist")
+  try:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path)
+  except Exception as e:  # noqa: BLE001 - offline, unknown id, no access: all the user's to fix
+    raise SanaError(f"cannot fetch model {path!r} from the hub: {str(e).splitlines()[0]}") from None
+
+
+class SanaPipeline:
+  def __init__(self, tokenizer, text_encoder, transformer, vae, *, sampler="flow_dpm", flow_shift=3.0,
+               max_sequence_length=300, tiled_decode_above=2048):
+    self.tokenizer, self.text_encoder, self.transformer, self.vae = tokenizer, text_encoder, transformer, vae
+    self.sampler, self.flow_shift = sampler, flow_shift
+    self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, max_sequence_length=max_sequence_length)
+    self.vae_scale_factor = vae.config.spatial_compression
+    self.tiled_decode_above = tiled_decode_above
+    self._dit_graph, self._dit_state = nnx.split(transformer)
+    self._generate = jax.jit(self._generate_impl, static_argnames=("sampler", "steps", "cfg"))
+    self._decode = vae._pure("decode")
+
+  @classmethod
+  def from_pretrained(cls, path, dtype=jnp.float32, *, sampler=None, **kwargs):
+    path = resolve_model(path)
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.exists(index_path):
+      raise SanaError(f"{path}: no model_index.json; expected a diffusers-format Sana directory")
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+      sched = json.load(f)
+    if sched.get("_class_name") not in SCHEDULERS:
+      raise SanaError(f"scheduler {sched.get('_class_name')!r} is not supported; expected one of {sorted(SCHEDULERS)}")
+    shift = sched.get("flow_shift", sched.get("shift", 3.0))
+    return cls(load_tokenizer(os.path.join(path, "tokenizer")),
+               GemmaTextEncoder.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype),
+               SanaTransformer.from_pretrained(os.path.join(path, "transformer"), dtype=dtype),
+               DCAE.from_pretrained(os.path.join(path, "vae"), dtype=dtype),
+               sampler=sampler or SCHEDULERS[sched["_class_name"]], flow_shift=shift, **kwargs)
+
+  def encode_prompt(self, prompt, negative_prompt="", do_classifier_free_guidance=True, num_images_per_prompt=1):
+    """(embeds, mask, negative embeds, negative mask), each repeated per image of a prompt."""
+    out = self.prompt_encoder.encode(prompt, negative_prompt, do_classifier_free_guidance)
+    return tuple(None if a is None else jnp.repeat(a, num_images_per_prompt, axis=0) for a in out)
+
+  def _generate_impl(self, state, latents, embeds, mask, neg_embeds, neg_mask, guidance, *, sampler, steps, cfg):
+    schedule, step = SAMPLERS[sampler]
+    sigmas, timesteps = (jnp.asarray(a) for a in schedule(steps, self.flow_shift))
+    model = nnx.merge(self._dit_graph, state)
+    if cfg:  # one model call on the [negative; positive] batch, as diffusers orders it
+      embeds, mask = jnp.concatenate([neg_embeds, embeds]), jnp.concatenate([neg_mask, mask])
+
+    def velocity(x, t):
+      xin = jnp.concatenate([x, x]) if cfg else x
+      v = model(xin.astype(model.dtype), jnp.full((xin.shape[0],), t), embeds, mask).astype(jnp.float32)
+      if cfg:
+        v_uncond, v_text = jnp.split(v, 2)
+        v = v_uncond + guidance * (v_text - v_uncond)
+      return v
+
+    return denoise(velocity, latents, sigmas, timesteps, step)
+
+  def __call__(self, prompt, negative_prompt="", height=None, width=None, num_inference_steps=20, guidance_scale=4.5,
+               num_images_per_prompt=1, seed=None, latents=None, output_type="pil", sampler=None):
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    f = self.vae_scale_factor
+    height = height or self.transformer.config.sample_size * f
+    width = width or self.transformer.config.sample_size * f
+    validate(height, width, num_inference_steps, guidance_scale, f)
+    sampler = sampler or self.sampler
+    if sampler not in SAMPLERS:
+      raise SanaError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
+    cfg = guidance_scale > 1.0
+    embeds, mask, neg, neg_mask = self.encode_prompt(prompts, negative_prompt, cfg, num_images_per_prompt)
+    n = len(prompts) * num_images_per_prompt
+    shape = (n, height // f, width // f, self.transformer.config.in_channels)
+    if latents is None:
+      seed = np.random.SeedSequence().entropy % 2**31 if seed is None else seed
+      latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+    elif tuple(latents.shape) != shape:
+      raise SanaError(f"latents of shape {tuple(latents.shape)}; expected {shape} (NHWC)")
+    latents = self._generate(self._dit_state, jnp.asarray(latents), embeds, mask, neg, neg_mask,
+                             jnp.float32(guidance_scale), sampler=sampler, steps=num_inference_steps, cfg=cfg)
+    if output_type == "latent":
+      return SanaPipelineOutput(latents)
+    images = self.decode(latents)
+    images = np.asarray(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0, 1))
+    if output_type == "np":
+      return SanaPipelineOutput(images)
+    from PIL import Image
+    return SanaPipelineOutput([Image.fromarray((im * 255).round().astype(np.uint8)) for im in images])
+
+  def decode(self, latents):
+    """Latents -> images in [-1, 1]; tiled when the image is larger than `tiled_decode_above` pixels."""
+    latents = latents / self.vae.scaling_factor
+    f = self.vae_scale_factor
+    if max(latents.shape[1], latents.shape[2]) * f > self.tiled_decode_above:
+      return self.vae.tiled_decode(latents.astype(self.vae.dtype))
+    return self._decode(latents.astype(self.vae.dtype))
+
+
+def validate(height, width, steps, guidance_scale, factor):
+  """User errors in generation settings, each as a one-line SanaError."""
+  for name, value in (("height", height), ("width", width)):
+    if not isinstance(value, int) or value <= 0 or value % factor:
+      raise SanaError(f"--{name} {value} is not a positive multiple of {factor} (the model's spatial factor)")
+  if not isinstance(steps, int) or steps <= 0:
+    raise SanaError(f"--steps {steps}: the number of inference steps must be a positive integer")
+  if not math.isfinite(guidance_scale) or guidance_scale < 0:
+    raise SanaError(f"--cfg {guidance_scale}: guidance scale must be finite and non-negative")

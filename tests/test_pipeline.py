@@ -1,0 +1,113 @@
+"""SanaPipeline end to end against diffusers' SanaPipeline on a tiny random pipeline saved to disk."""
+import diffusers
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+import sana_jax
+from reference import rel_err, shift_off_init
+from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION
+
+HEIGHT, WIDTH = 32, 64  # non-square (diffusers wants multiples of 32); 4x DC-AE -> 8 x 16 latents
+
+
+def tiny_tokenizer():
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "<eos>", "<bos>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(list(COMPLEX_HUMAN_INSTRUCTION) + ["a red fox in the snow", "a blue house"], trainer)
+  tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                              pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipe")
+  torch.manual_seed(0)
+  tok = tiny_tokenizer()
+  gemma = transformers.Gemma2Model(transformers.Gemma2Config(
+      vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+      num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=64, max_position_embeddings=1024,
+      pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager")).eval()
+  dit = diffusers.SanaTransformer2DModel(
+      in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, num_layers=2,
+      num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=64, caption_channels=32,
+      sample_size=8).eval()
+  vae = diffusers.AutoencoderDC(
+      in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types="ResBlock",
+      decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16, 16),
+      decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+      encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), (5,)),
+      downsample_block_type="conv", upsample_block_type="interpolate", scaling_factor=0.6).eval()
+  for i, m in enumerate((gemma, dit, vae)):
+    shift_off_init(m, seed=i, scale=0.05)
+  scheduler = diffusers.DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+  ref = diffusers.SanaPipeline(tokenizer=tok, text_encoder=gemma, transformer=dit, vae=vae, scheduler=scheduler)
+  ref.save_pretrained(root)
+  return ref, sana_jax.SanaPipeline.from_pretrained(root), root
+
+
+def run_both(ref, ours, steps, guidance, prompts, output_type, seed=0):
+  latents = np.random.default_rng(seed).standard_normal((len(prompts), HEIGHT // 4, WIDTH // 4, 8)).astype(np.float32)
+  with torch.no_grad():
+    theirs = ref(prompts, negative_prompt="", height=HEIGHT, width=WIDTH, num_inference_steps=steps,
+                 guidance_scale=guidance, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+                 output_type=output_type, use_resolution_binning=False).images
+  mine = ours(prompts, negative_prompt="", height=HEIGHT, width=WIDTH, num_inference_steps=steps,
+              guidance_scale=guidance, latents=jnp.asarray(latents), output_type=output_type).images
+  theirs = np.asarray(theirs.numpy() if hasattr(theirs, "numpy") else theirs)
+  if output_type == "latent":
+    theirs = theirs.transpose(0, 2, 3, 1)
+  return np.asarray(mine), theirs
+
+
+@pytest.mark.parametrize("steps", [2, 7, 20])
+@pytest.mark.parametrize("guidance", [1.0, 4.5, 7.0])
+def test_latents_and_images_match_diffusers(pipelines, steps, guidance):
+  ref, ours, _ = pipelines
+  prompts = ["A Red Fox in the snow", "一只猫 🐱"]
+  mine, theirs = run_both(ref, ours, steps, guidance, prompts, "latent")
+  assert mine.shape == theirs.shape
+  assert rel_err(mine, theirs) <= 1e-3
+  if steps == 7:  # decoding too (images in [0, 1], NHWC)
+    mine, theirs = run_both(ref, ours, steps, guidance, prompts, "np")
+    assert mine.shape == theirs.shape == (2, HEIGHT, WIDTH, 3)
+    assert rel_err(mine, theirs) <= 1e-3
+
+
+def test_euler_sampler_matches_diffusers(pipelines):
+  ref, ours, _ = pipelines
+  euler = diffusers.SanaPipeline(**{**ref.components, "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)})
+  latents = np.random.default_rng(1).standard_normal((1, HEIGHT // 4, WIDTH // 4, 8)).astype(np.float32)
+  with torch.no_grad():
+    theirs = euler("a blue house", height=HEIGHT, width=WIDTH, num_inference_steps=7, guidance_scale=4.5,
+                   latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), output_type="latent",
+                   use_resolution_binning=False).images.numpy().transpose(0, 2, 3, 1)
+  mine = ours("a blue house", height=HEIGHT, width=WIDTH, num_inference_steps=7, guidance_scale=4.5,
+              latents=jnp.asarray(latents), output_type="latent", sampler="flow_euler").images
+  assert rel_err(np.asarray(mine), theirs) <= 1e-3
+
+
+def test_pil_output_and_seeded_latents(pipelines):
+  _, ours, _ = pipelines
+  a = ours("a red fox", height=HEIGHT, width=WIDTH, num_inference_steps=2, seed=3, num_images_per_prompt=2).images
+  b = ours("a red fox", height=HEIGHT, width=WIDTH, num_inference_steps=2, seed=3, num_images_per_prompt=2).images
+  assert len(a) == 2 and a[0].size == (WIDTH, HEIGHT)
+  np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+  assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))  # different noise per image
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=30), "multiple of 4"), (dict(num_inference_steps=0), "steps"),
+    (dict(guidance_scale=float("nan")), "finite"), (dict(guidance_scale=-1.0), "non-negative"),
+    (dict(sampler="ddim"), "sampler")])
+def test_bad_settings_are_user_errors(pipelines, kwargs, match):
+  _, ours, _ = pipelines
+  with pytest.raises(sana_jax.SanaError, match=match):
+    ours("a red fox", **{"height": HEIGHT, "width": WIDTH, **kwargs})
