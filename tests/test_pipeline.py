@@ -111,3 +111,44 @@ def test_bad_settings_are_user_errors(pipelines, kwargs, match):
   _, ours, _ = pipelines
   with pytest.raises(sana_jax.SanaError, match=match):
     ours("a red fox", **{"height": HEIGHT, "width": WIDTH, **kwargs})
+
+
+def run_cli(*args, cwd=None):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "XLA_FLAGS": "", "XDG_CACHE_HOME": str(cwd or root)}
+  return subprocess.run([sys.executable, os.path.join(root, "sample.py"), *map(str, args)], capture_output=True,
+                        text=True, env=env, cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_writes_pngs_with_metadata(pipelines, tmp_path):
+  from PIL import Image
+  _, _, model = pipelines
+  (tmp_path / "prompts.txt").write_text("a blue house\n\n🐱 猫\n", encoding="utf-8")
+  out = tmp_path / "out"
+  r = run_cli("a red fox", "--prompt-file", tmp_path / "prompts.txt", "--model", model, "--height", 32, "--width", 64,
+              "--steps", 3, "--seed", 5, "--dtype", "float32", "--batch-size", 2, "--output-dir", out, cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png"]
+  im = Image.open(out / "0002.png")
+  assert im.size == (64, 32) and im.text["prompt"] == "🐱 猫" and im.text["seed"] == "7" and im.text["steps"] == "3"
+  assert "images/s" in r.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--height", 30], "not a positive multiple of 4"), (["--steps", 0], "steps"), (["--cfg", "nan"], "finite"),
+    (["--cfg", -2], "non-negative"), (["--sampler", "ddim"], "sampler"), (["--prompt-file", "nope.txt"], "does not exist"),
+    (["--width", 8192], "beyond the largest"), (["--aspect", "wide"], "aspect")])
+def test_cli_errors_are_one_line_exit_2(pipelines, tmp_path, args, match):
+  _, _, model = pipelines
+  r = run_cli("a red fox", "--model", model, "--output-dir", tmp_path / "out", *args, cwd=tmp_path)
+  assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
+  assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_cli_missing_model_is_one_line_exit_2(tmp_path):
+  r = run_cli("a red fox", "--model", tmp_path / "missing", cwd=tmp_path)
+  assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1, r.stderr
