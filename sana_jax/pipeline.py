@@ -85,10 +85,11 @@ class SanaPipeline:
     model = nnx.merge(self._dit_graph, state)
     if cfg:  # one model call on the [negative; positive] batch, as diffusers orders it
       embeds, mask = jnp.concatenate([neg_embeds, embeds]), jnp.concatenate([neg_mask, mask])
+    text = model.encode_text(embeds, mask)  # cross-attention keys/values: once per generation
 
     def velocity(x, t):
       xin = jnp.concatenate([x, x]) if cfg else x
-      v = model(xin.astype(model.dtype), jnp.full((xin.shape[0],), t), embeds, mask).astype(jnp.float32)
+      v = model(xin.astype(model.dtype), jnp.full((xin.shape[0],), t), text=text).astype(jnp.float32)
       if cfg:
         v_uncond, v_text = jnp.split(v, 2)
         v = v_uncond + guidance * (v_text - v_uncond)

@@ -152,3 +152,22 @@ def test_cli_errors_are_one_line_exit_2(pipelines, tmp_path, args, match):
 def test_cli_missing_model_is_one_line_exit_2(tmp_path):
   r = run_cli("a red fox", "--model", tmp_path / "missing", cwd=tmp_path)
   assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_text_keys_values_computed_once_per_generation(pipelines):
+  """Each extra step costs one DiT pass without the text projections: those stay outside the loop."""
+  from bench.flops import count_macs
+  _, ours, _ = pipelines
+  embeds, mask, neg, neg_mask = ours.encode_prompt(["a red fox"])
+  latents = jnp.zeros((1, HEIGHT // 4, WIDTH // 4, 8))
+
+  def macs(steps):
+    run = lambda s, x: ours._generate_impl(s, x, embeds, mask, neg, neg_mask, 4.5, sampler="flow_dpm", steps=steps, cfg=True)
+    return count_macs(run, ours._dit_state, latents)
+
+  per_step = macs(3) - macs(2)
+  x2 = jnp.zeros((2, HEIGHT // 4, WIDTH // 4, 8))
+  text = jnp.concatenate([neg, embeds])
+  full_forward = count_macs(lambda x: ours.transformer(x, jnp.zeros(2), text, jnp.concatenate([neg_mask, mask])), x2)
+  text_only = count_macs(lambda y: ours.transformer.encode_text(y, jnp.concatenate([neg_mask, mask])), text)
+  assert per_step == full_forward - text_only and text_only > 0

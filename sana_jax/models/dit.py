@@ -4,6 +4,7 @@ Blocks are built once with stacked parameters (leading "layers" axis) and run un
 so compile time does not grow with depth; `remat` picks a rematerialisation policy for training.
 """
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -172,16 +173,22 @@ class CrossAttention(nnx.Module):
     self.norm_k = L.RMSNorm(inner, "heads", eps=1e-5, **kw) if cfg.qk_norm else None
     self.heads, self.head_dim, self.dtype = cfg.num_cross_attention_heads, cfg.cross_attention_head_dim, dtype
 
-  def __call__(self, x, y, mask_bias):
-    """x [B, N, D], y [B, L, D] (projected text), mask_bias [B, L] float32 (0 or -10000)."""
-    q, k, v = self.to_q(x), self.to_k(y), self.to_v(y)
+  def project_text(self, y):
+    """Keys and values [B, L, H, Dh] of the projected text y [B, L, D]: fixed for a whole generation."""
+    k, v = self.to_k(y), self.to_v(y)
+    if self.norm_k is not None:
+      k = self.norm_k(k)
+    split = lambda a: a.reshape(*a.shape[:2], self.heads, self.head_dim)
+    return split(k), split(v)
+
+  def __call__(self, x, text_kv, mask_bias):
+    """x [B, N, D], text_kv from project_text, mask_bias [B, L] float32 (0 or -10000)."""
+    q = self.to_q(x)
     if self.norm_q is not None:
-      q, k = self.norm_q(q), self.norm_k(k)
-    b, n, _ = x.shape
-    q = q.reshape(b, n, self.heads, self.head_dim)
-    k = k.reshape(b, -1, self.heads, self.head_dim)
-    v = v.reshape(b, -1, self.heads, self.head_dim)
-    return self.to_out(L.masked_attention(q, k, v, mask_bias).reshape(b, n, -1))
+      q = self.norm_q(q)
+    k, v = text_kv
+    q = q.reshape(*x.shape[:2], self.heads, self.head_dim)
+    return self.to_out(L.masked_attention(q, k, v, mask_bias).reshape(*x.shape[:2], -1))
 
 
 class MixFFN(nnx.Module):
@@ -220,17 +227,24 @@ class SanaBlock(nnx.Module):
                                      param_dtype)
     self.dtype = dtype
 
-  def __call__(self, x, t6, y, mask_bias, hw):
-    """x [B, N, D]; t6 [B, 6, D]; y [B, L, D]; hw = (H, W) with H * W = N."""
+  def __call__(self, x, t6, text_kv, mask_bias, hw):
+    """x [B, N, D]; t6 [B, 6, D]; text_kv: this block's text keys/values; hw = (H, W), H * W = N."""
     mod = self.scale_shift_table[...].astype(self.dtype)[None] + t6
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (mod[:, i:i + 1] for i in range(6))
     h = self.norm1(x) * (1 + scale_msa) + shift_msa
     x = x + gate_msa * self.attn1(h)
-    x = x + self.attn2(x, y, mask_bias)
+    x = x + self.attn2(x, text_kv, mask_bias)
     h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
     b, n, d = x.shape
     ff = self.ff(h.reshape(b, *hw, d)).reshape(b, n, d)
     return x + gate_mlp * ff
+
+
+class TextContext(NamedTuple):
+  """Per-generation text state: stacked cross-attention keys/values and the mask as a bias."""
+  keys: jax.Array
+  values: jax.Array
+  mask_bias: jax.Array
 
 
 class SanaTransformer(nnx.Module):
@@ -271,11 +285,27 @@ class SanaTransformer(nnx.Module):
       raise SanaError(f"attention_impl={impl!r}; expected one of {IMPLEMENTATIONS}")
     self.blocks.attn1.attention_impl = impl
 
-  def __call__(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, guidance=None):
+  def encode_text(self, encoder_hidden_states, encoder_attention_mask=None):
+    """The text's share of the computation, the same at every sampling step: caption projection and
+    norm, then every block's cross-attention keys and values ([layers, B, L, H, Dh] each)."""
+    y = self.caption_norm(self.caption_projection(encoder_hidden_states.astype(self.dtype)))
+    y = parallel.constrain(y, _TOKENS)
+    if encoder_attention_mask is None:
+      encoder_attention_mask = jnp.ones(y.shape[:2], jnp.float32)
+    mask_bias = (1.0 - encoder_attention_mask.astype(jnp.float32)) * _MASK_BIAS
+    graphdef, stacked = nnx.split(self.blocks)
+    keys, values = jax.vmap(lambda layer: nnx.merge(graphdef, layer).attn2.project_text(y))(stacked)
+    return TextContext(keys, values, mask_bias)
+
+  def __call__(self, x, timestep, encoder_hidden_states=None, encoder_attention_mask=None, guidance=None, text=None):
+    """Velocity [B, H, W, C]. Pass `text=model.encode_text(...)` to reuse the text's keys and values
+    across sampling steps instead of encoder_hidden_states / encoder_attention_mask."""
     cfg, p = self.config, self.config.patch_size
     b, H, W, c = x.shape
     if H % p or W % p:
       raise SanaError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
+    if text is None:
+      text = self.encode_text(encoder_hidden_states, encoder_attention_mask)
     hp, wp = H // p, W // p
     # patchify: [B, H, W, C] -> [B, hp*wp, p*p*C] in (row, col, channel) order, like the conv's weight
     tokens = x.reshape(b, hp, p, wp, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp * wp, p * p * c)
@@ -292,13 +322,7 @@ class SanaTransformer(nnx.Module):
       guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32) * cfg.guidance_embeds_scale, (b,))
     t6, t_emb = self.time_embed(t, guidance)
 
-    y = self.caption_norm(self.caption_projection(encoder_hidden_states.astype(self.dtype)))
-    if encoder_attention_mask is None:
-      encoder_attention_mask = jnp.ones(y.shape[:2], jnp.float32)
-    mask_bias = (1.0 - encoder_attention_mask.astype(jnp.float32)) * _MASK_BIAS
-
-    h, y = parallel.constrain(h, _TOKENS), parallel.constrain(y, _TOKENS)
-    h = self._run_blocks(h, t6, y, mask_bias, (hp, wp))
+    h = self._run_blocks(parallel.constrain(h, _TOKENS), t6, text, (hp, wp))
 
     shift, scale = jnp.split(self.scale_shift_table[...].astype(self.dtype)[None] + t_emb[:, None], 2, axis=1)
     h = self.norm_out(h) * (1 + scale) + shift
@@ -306,17 +330,18 @@ class SanaTransformer(nnx.Module):
     out = out.reshape(b, hp, wp, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, H, W, -1)
     return parallel.constrain(out, ("batch", None, None, None))
 
-  def _run_blocks(self, h, t6, y, mask_bias, hw):
+  def _run_blocks(self, h, t6, text, hw):
     graphdef, stacked = nnx.split(self.blocks)
 
-    def body(carry, layer_state):
-      out = nnx.merge(graphdef, layer_state)(carry, t6, y, mask_bias, hw)
+    def body(carry, xs):
+      layer_state, keys, values = xs
+      out = nnx.merge(graphdef, layer_state)(carry, t6, (keys, values), text.mask_bias, hw)
       return parallel.constrain(out, _TOKENS), None
 
     policy = REMAT_POLICIES[self.config.remat]
     if self.config.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    h, _ = jax.lax.scan(body, h, stacked, unroll=self.config.scan_unroll)
+    h, _ = jax.lax.scan(body, h, (stacked, text.keys, text.values), unroll=self.config.scan_unroll)
     return h
 
   @classmethod
