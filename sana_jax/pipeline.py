@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sana_jax import parallel
 from sana_jax.errors import SanaError
 from sana_jax.models.dcae import DCAE
 from sana_jax.models.dit import SanaTransformer
@@ -53,6 +54,11 @@ class SanaPipeline:
     self.vae_scale_factor = vae.config.spatial_compression
     self.tiled_decode_above = tiled_decode_above
     self._dit_graph, self._dit_state = nnx.split(transformer)
+    # several local devices: the batch (CFG pairs and prompts) is split over them, weights replicated
+    self.mesh = parallel.make_mesh(data=-1, devices=jax.local_devices()) if jax.local_device_count() > 1 else None
+    if self.mesh is not None:
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      self._dit_state = jax.device_put(self._dit_state, replicated)
     self._generate = jax.jit(self._generate_impl, static_argnames=("sampler", "steps", "cfg"))
     self._decode = vae._pure("decode")
 
@@ -116,8 +122,8 @@ class SanaPipeline:
       latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
     elif tuple(latents.shape) != shape:
       raise SanaError(f"latents of shape {tuple(latents.shape)}; expected {shape} (NHWC)")
-    latents = self._generate(self._dit_state, jnp.asarray(latents), embeds, mask, neg, neg_mask,
-                             jnp.float32(guidance_scale), sampler=sampler, steps=num_inference_steps, cfg=cfg)
+    latents = self._denoise(jnp.asarray(latents), embeds, mask, neg, neg_mask, guidance_scale, sampler,
+                            num_inference_steps, cfg)
     if output_type == "latent":
       return SanaPipelineOutput(latents)
     images = self.decode(latents)
@@ -126,6 +132,15 @@ class SanaPipeline:
       return SanaPipelineOutput(images)
     from PIL import Image
     return SanaPipelineOutput([Image.fromarray((im * 255).round().astype(np.uint8)) for im in images])
+
+  def _denoise(self, latents, embeds, mask, neg, neg_mask, guidance_scale, sampler, steps, cfg):
+    args = (latents, embeds, mask, neg, neg_mask)
+    n_dev = 1 if self.mesh is None else self.mesh.devices.size
+    if n_dev > 1 and latents.shape[0] % n_dev == 0:  # else the batch does not split evenly: one device
+      args = tuple(None if a is None else jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim)) for a in args)
+      with parallel.use_mesh(self.mesh):
+        return self._generate(self._dit_state, *args, jnp.float32(guidance_scale), sampler=sampler, steps=steps, cfg=cfg)
+    return self._generate(self._dit_state, *args, jnp.float32(guidance_scale), sampler=sampler, steps=steps, cfg=cfg)
 
   def decode(self, latents):
     """Latents -> images in [-1, 1]; tiled when the image is larger than `tiled_decode_above` pixels."""

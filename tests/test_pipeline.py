@@ -171,3 +171,20 @@ def test_text_keys_values_computed_once_per_generation(pipelines):
   full_forward = count_macs(lambda x: ours.transformer(x, jnp.zeros(2), text, jnp.concatenate([neg_mask, mask])), x2)
   text_only = count_macs(lambda y: ours.transformer.encode_text(y, jnp.concatenate([neg_mask, mask])), text)
   assert per_step == full_forward - text_only and text_only > 0
+
+
+@pytest.mark.skipif(len(__import__("jax").devices()) < 8, reason="needs 8 devices; tests/conftest.py sets XLA_FLAGS")
+def test_batch_split_over_local_devices(pipelines):
+  _, ours, _ = pipelines
+  prompts = [f"a red fox number {i}" for i in range(8)]
+  latents = jnp.asarray(np.random.default_rng(0).standard_normal((8, HEIGHT // 4, WIDTH // 4, 8)).astype(np.float32))
+  kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3, latents=latents, output_type="latent")
+  assert ours.mesh is not None and ours.mesh.devices.size == 8
+  split = ours(prompts, **kw).images
+  assert len(split.sharding.device_set) == 8  # the result really lives on all devices
+  mesh, ours.mesh = ours.mesh, None
+  try:
+    whole = ours(prompts, **kw).images
+  finally:
+    ours.mesh = mesh
+  assert rel_err(np.asarray(split), np.asarray(whole)) <= 1e-5
