@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sana_jax import parallel
+from sana_jax import aspect_ratio, parallel
 from sana_jax.errors import SanaError
 from sana_jax.models.dcae import DCAE
 from sana_jax.models.dit import SanaTransformer
@@ -104,12 +104,17 @@ class SanaPipeline:
     return denoise(velocity, latents, sigmas, timesteps, step)
 
   def __call__(self, prompt, negative_prompt="", height=None, width=None, num_inference_steps=20, guidance_scale=4.5,
-               num_images_per_prompt=1, seed=None, latents=None, output_type="pil", sampler=None):
+               num_images_per_prompt=1, seed=None, latents=None, output_type="pil", sampler=None,
+               use_resolution_binning=True):
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     f = self.vae_scale_factor
     height = height or self.transformer.config.sample_size * f
     width = width or self.transformer.config.sample_size * f
     validate(height, width, num_inference_steps, guidance_scale, f)
+    asked = (height, width)
+    table = aspect_ratio.TABLE_FOR_SAMPLE_SIZE.get(self.transformer.config.sample_size)
+    if use_resolution_binning and table:  # generate at the trained bin, resize back after decoding
+      height, width = aspect_ratio.closest_bin(height, width, aspect_ratio.bins(table))
     sampler = sampler or self.sampler
     if sampler not in SAMPLERS:
       raise SanaError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
@@ -126,7 +131,7 @@ class SanaPipeline:
                             num_inference_steps, cfg)
     if output_type == "latent":
       return SanaPipelineOutput(latents)
-    images = self.decode(latents)
+    images = aspect_ratio.resize_and_crop(self.decode(latents), *asked)
     images = np.asarray(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0, 1))
     if output_type == "np":
       return SanaPipelineOutput(images)
