@@ -34,7 +34,8 @@ def parse_args(argv):
   p.add_argument("--aspect", help="W:H, e.g. 16:9, at the model's native area (instead of --height/--width)")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = off)")
-  p.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale")
+  p.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (0 = off)")
+  p.add_argument("--pag-layers", default="0", help="comma-separated block indices for PAG (default: 0)")
   p.add_argument("--sampler", default=None, help="flow_dpm | flow_euler (default: the model's scheduler)")
   p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
   p.add_argument("--batch-size", type=int, default=1, help="prompts per model call")
@@ -63,8 +64,12 @@ def check_settings(args, model_dir):
     raise UserError(f"--steps {args.steps}: the number of inference steps must be positive")
   if not math.isfinite(args.cfg) or args.cfg < 0:
     raise UserError(f"--cfg {args.cfg}: guidance scale must be finite and non-negative")
-  if args.pag != 0.0:
-    raise UserError("--pag: perturbed-attention guidance is not implemented yet")
+  if not math.isfinite(args.pag) or args.pag < 0:
+    raise UserError(f"--pag {args.pag}: perturbed-attention guidance scale must be finite and non-negative")
+  try:
+    args.pag_layers = tuple(int(v) for v in args.pag_layers.split(","))
+  except ValueError:
+    raise UserError(f"--pag-layers {args.pag_layers!r}: expected block indices such as 8 or 7,8") from None
   if args.sampler is not None and args.sampler not in SAMPLERS:
     raise UserError(f"--sampler {args.sampler!r}: expected one of {', '.join(sorted(SAMPLERS))}")
   if args.batch_size <= 0 or args.num_images_per_prompt <= 0:
@@ -72,7 +77,11 @@ def check_settings(args, model_dir):
   with open(os.path.join(model_dir, "vae", "config.json")) as f:
     factor = 2 ** (len(json.load(f)["encoder_block_out_channels"]) - 1)
   with open(os.path.join(model_dir, "transformer", "config.json")) as f:
-    native = json.load(f).get("sample_size", 32) * factor
+    dit = json.load(f)
+  native = dit.get("sample_size", 32) * factor
+  bad = [i for i in args.pag_layers if not 0 <= i < dit.get("num_layers", 0)]
+  if args.pag and bad:
+    raise UserError(f"--pag-layers: PAG layer(s) {bad} not among the model's {dit.get('num_layers')} blocks")
   if args.aspect:
     try:
       w, h = (float(v) for v in args.aspect.split(":"))
@@ -137,7 +146,8 @@ def main(argv=None):
                          for s in seeds])
     began = time.perf_counter()
     images = pipe([p for p, _ in batch], negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.cfg, latents=latents).images
+                  num_inference_steps=args.steps, guidance_scale=args.cfg, latents=latents, pag_scale=args.pag,
+                  pag_applied_layers=args.pag_layers).images
     elapsed = time.perf_counter() - began
     if first_call is None:
       first_call = elapsed
@@ -145,7 +155,7 @@ def main(argv=None):
       later, later_images = later + elapsed, later_images + len(batch)
     for (prompt, _), seed, image in zip(batch, seeds, images):
       save_png(image, os.path.join(args.output_dir, f"{index:04d}.png"),
-               dict(prompt=prompt, seed=seed, steps=args.steps, cfg=args.cfg, model=args.model,
+               dict(prompt=prompt, seed=seed, steps=args.steps, cfg=args.cfg, pag=args.pag, model=args.model,
                     sampler=pipe.sampler if args.sampler is None else args.sampler))
       index += 1
   rate = later_images / later if later else len(jobs[:args.batch_size]) / first_call

@@ -59,7 +59,7 @@ class SanaPipeline:
     if self.mesh is not None:
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self._dit_state = jax.device_put(self._dit_state, replicated)
-    self._generate = jax.jit(self._generate_impl, static_argnames=("sampler", "steps", "cfg"))
+    self._generate = jax.jit(self._generate_impl, static_argnames=("sampler", "steps", "cfg", "pag", "pag_layers"))
     self._decode = vae._pure("decode")
 
   @classmethod
@@ -85,27 +85,34 @@ class SanaPipeline:
     out = self.prompt_encoder.encode(prompt, negative_prompt, do_classifier_free_guidance)
     return tuple(None if a is None else jnp.repeat(a, num_images_per_prompt, axis=0) for a in out)
 
-  def _generate_impl(self, state, latents, embeds, mask, neg_embeds, neg_mask, guidance, *, sampler, steps, cfg):
+  def _generate_impl(self, state, latents, embeds, mask, neg_embeds, neg_mask, guidance, pag_scale=0.0,
+                     pag_layers=(), *, sampler, steps, cfg, pag=False):
     schedule, step = SAMPLERS[sampler]
     sigmas, timesteps = (jnp.asarray(a) for a in schedule(steps, self.flow_shift))
     model = nnx.merge(self._dit_graph, state)
-    if cfg:  # one model call on the [negative; positive] batch, as diffusers orders it
-      embeds, mask = jnp.concatenate([neg_embeds, embeds]), jnp.concatenate([neg_mask, mask])
-    text = model.encode_text(embeds, mask)  # cross-attention keys/values: once per generation
+    # one model call on [negative; positive; positive (perturbed)], the batch order diffusers uses
+    parts = ([neg_embeds] if cfg else []) + [embeds] + ([embeds] if pag else [])
+    masks = ([neg_mask] if cfg else []) + [mask] + ([mask] if pag else [])
+    text = model.encode_text(jnp.concatenate(parts), jnp.concatenate(masks))  # once per generation
+    n = latents.shape[0]
+    perturbed = None
+    if pag:
+      rows = jnp.arange(n * len(parts)) >= n * (len(parts) - 1)
+      perturbed = (rows, jnp.zeros(model.config.num_layers, bool).at[jnp.asarray(pag_layers)].set(True))
 
     def velocity(x, t):
-      xin = jnp.concatenate([x, x]) if cfg else x
-      v = model(xin.astype(model.dtype), jnp.full((xin.shape[0],), t), text=text).astype(jnp.float32)
-      if cfg:
-        v_uncond, v_text = jnp.split(v, 2)
-        v = v_uncond + guidance * (v_text - v_uncond)
-      return v
+      xin = jnp.concatenate([x] * len(parts))
+      v = model(xin.astype(model.dtype), jnp.full((xin.shape[0],), t), text=text, perturbed=perturbed)
+      v = jnp.split(v.astype(jnp.float32), len(parts))
+      v_text = v[1] if cfg else v[0]
+      out = v[0] + guidance * (v_text - v[0]) if cfg else v_text
+      return out + pag_scale * (v_text - v[-1]) if pag else out
 
     return denoise(velocity, latents, sigmas, timesteps, step)
 
   def __call__(self, prompt, negative_prompt="", height=None, width=None, num_inference_steps=20, guidance_scale=4.5,
                num_images_per_prompt=1, seed=None, latents=None, output_type="pil", sampler=None,
-               use_resolution_binning=True):
+               use_resolution_binning=True, pag_scale=0.0, pag_applied_layers=(0,)):
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     f = self.vae_scale_factor
     height = height or self.transformer.config.sample_size * f
@@ -127,8 +134,12 @@ class SanaPipeline:
       latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
     elif tuple(latents.shape) != shape:
       raise SanaError(f"latents of shape {tuple(latents.shape)}; expected {shape} (NHWC)")
+    if not math.isfinite(pag_scale) or pag_scale < 0:
+      raise SanaError(f"--pag {pag_scale}: perturbed-attention guidance scale must be finite and non-negative")
+    layers = tuple(sorted(_layer_indices(pag_applied_layers, self.transformer.config.num_layers)))
+    pag = pag_scale > 0 and bool(layers)
     latents = self._denoise(jnp.asarray(latents), embeds, mask, neg, neg_mask, guidance_scale, sampler,
-                            num_inference_steps, cfg)
+                            num_inference_steps, cfg, pag, pag_scale, layers)
     if output_type == "latent":
       return SanaPipelineOutput(latents)
     images = aspect_ratio.resize_and_crop(self.decode(latents), *asked)
@@ -138,14 +149,17 @@ class SanaPipeline:
     from PIL import Image
     return SanaPipelineOutput([Image.fromarray((im * 255).round().astype(np.uint8)) for im in images])
 
-  def _denoise(self, latents, embeds, mask, neg, neg_mask, guidance_scale, sampler, steps, cfg):
+  def _denoise(self, latents, embeds, mask, neg, neg_mask, guidance_scale, sampler, steps, cfg, pag, pag_scale,
+               pag_layers):
     args = (latents, embeds, mask, neg, neg_mask)
+    run = lambda *a: self._generate(self._dit_state, *a, jnp.float32(guidance_scale), jnp.float32(pag_scale),
+                                    pag_layers, sampler=sampler, steps=steps, cfg=cfg, pag=pag)
     n_dev = 1 if self.mesh is None else self.mesh.devices.size
     if n_dev > 1 and latents.shape[0] % n_dev == 0:  # else the batch does not split evenly: one device
       args = tuple(None if a is None else jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim)) for a in args)
       with parallel.use_mesh(self.mesh):
-        return self._generate(self._dit_state, *args, jnp.float32(guidance_scale), sampler=sampler, steps=steps, cfg=cfg)
-    return self._generate(self._dit_state, *args, jnp.float32(guidance_scale), sampler=sampler, steps=steps, cfg=cfg)
+        return run(*args)
+    return run(*args)
 
   def decode(self, latents):
     """Latents -> images in [-1, 1]; tiled when the image is larger than `tiled_decode_above` pixels."""
@@ -154,6 +168,18 @@ class SanaPipeline:
     if max(latents.shape[1], latents.shape[2]) * f > self.tiled_decode_above:
       return self.vae.tiled_decode(latents.astype(self.vae.dtype))
     return self._decode(latents.astype(self.vae.dtype))
+
+
+def _layer_indices(layers, num_layers):
+  """PAG layers as indices, from ints or diffusers' names ("transformer_blocks.8")."""
+  layers = [layers] if isinstance(layers, (int, str)) else list(layers)
+  out = set()
+  for layer in layers:
+    index = int(str(layer).rsplit(".", 1)[-1]) if not isinstance(layer, int) else layer
+    if not 0 <= index < num_layers:
+      raise SanaError(f"PAG layer {layer!r} is not one of the model's {num_layers} blocks")
+    out.add(index)
+  return out
 
 
 def validate(height, width, steps, guidance_scale, factor):

@@ -130,7 +130,8 @@ def test_cli_writes_pngs_with_metadata(pipelines, tmp_path):
   (tmp_path / "prompts.txt").write_text("a blue house\n\n🐱 猫\n", encoding="utf-8")
   out = tmp_path / "out"
   r = run_cli("a red fox", "--prompt-file", tmp_path / "prompts.txt", "--model", model, "--height", 32, "--width", 64,
-              "--steps", 3, "--seed", 5, "--dtype", "float32", "--batch-size", 2, "--output-dir", out, cwd=tmp_path)
+              "--steps", 3, "--seed", 5, "--dtype", "float32", "--batch-size", 2, "--output-dir", out, "--pag", 1.5,
+              "--pag-layers", 1, cwd=tmp_path)
   assert r.returncode == 0, r.stderr
   assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png"]
   im = Image.open(out / "0002.png")
@@ -141,7 +142,8 @@ def test_cli_writes_pngs_with_metadata(pipelines, tmp_path):
 @pytest.mark.parametrize("args,match", [
     (["--height", 30], "not a positive multiple of 4"), (["--steps", 0], "steps"), (["--cfg", "nan"], "finite"),
     (["--cfg", -2], "non-negative"), (["--sampler", "ddim"], "sampler"), (["--prompt-file", "nope.txt"], "does not exist"),
-    (["--width", 8192], "beyond the largest"), (["--aspect", "wide"], "aspect")])
+    (["--width", 8192], "beyond the largest"), (["--aspect", "wide"], "aspect"), (["--pag", "-1"], "pag"),
+    (["--pag", 2, "--pag-layers", 9], "PAG layer")])
 def test_cli_errors_are_one_line_exit_2(pipelines, tmp_path, args, match):
   _, _, model = pipelines
   r = run_cli("a red fox", "--model", model, "--output-dir", tmp_path / "out", *args, cwd=tmp_path)
@@ -188,3 +190,22 @@ def test_batch_split_over_local_devices(pipelines):
   finally:
     ours.mesh = mesh
   assert rel_err(np.asarray(split), np.asarray(whole)) <= 1e-5
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_pag_matches_diffusers(pipelines, guidance):
+  """Perturbed-attention guidance (identity self-attention in block 1) against SanaPAGPipeline."""
+  ref, ours, _ = pipelines
+  pag_ref = diffusers.SanaPAGPipeline(**ref.components, pag_applied_layers="transformer_blocks.1")
+  latents = np.random.default_rng(2).standard_normal((2, HEIGHT // 4, WIDTH // 4, 8)).astype(np.float32)
+  prompts = ["a red fox", "a blue house"]
+  with torch.no_grad():
+    theirs = pag_ref(prompts, height=HEIGHT, width=WIDTH, num_inference_steps=5, guidance_scale=guidance, pag_scale=2.0,
+                     latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), output_type="latent",
+                     use_resolution_binning=False).images.numpy().transpose(0, 2, 3, 1)
+  mine = ours(prompts, height=HEIGHT, width=WIDTH, num_inference_steps=5, guidance_scale=guidance, pag_scale=2.0,
+              pag_applied_layers=["transformer_blocks.1"], latents=jnp.asarray(latents), output_type="latent").images
+  plain = ours(prompts, height=HEIGHT, width=WIDTH, num_inference_steps=5, guidance_scale=guidance,
+               latents=jnp.asarray(latents), output_type="latent").images
+  assert rel_err(np.asarray(mine), theirs) <= 1e-3
+  assert rel_err(np.asarray(mine), np.asarray(plain)) > 1e-3  # PAG really changed the result

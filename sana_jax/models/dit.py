@@ -145,7 +145,9 @@ class LinearSelfAttention(nnx.Module):
     self.heads, self.eps, self.dtype = cfg.num_attention_heads, cfg.linear_attention_eps, dtype
     self.attention_impl = "xla"
 
-  def __call__(self, x):
+  def __call__(self, x, identity_rows=None):
+    """identity_rows [B] bool (perturbed-attention guidance): those rows skip attention, giving
+    to_out(to_v(x)), as diffusers' PAG processors do in the chosen layers."""
     q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
     if self.norm_q is not None:
       q, k = self.norm_q(q), self.norm_k(k)
@@ -153,7 +155,10 @@ class LinearSelfAttention(nnx.Module):
     split = lambda a: a.reshape(b, n, self.heads, -1)
     q, k = jax.nn.relu(split(q)), jax.nn.relu(split(k))
     out = linear_attention(q, k, split(v), eps=self.eps, implementation=self.attention_impl)
-    out = self.to_out(out.reshape(b, n, -1).astype(self.dtype))
+    out = out.reshape(b, n, -1).astype(self.dtype)
+    if identity_rows is not None:
+      out = jnp.where(identity_rows[:, None, None], v.astype(self.dtype), out)
+    out = self.to_out(out)
     if jnp.dtype(self.dtype) == jnp.float16:  # the reference clips here; the 1.6B fp16 weights overflow without it
       out = jnp.clip(out, -65504, 65504)
     return out
@@ -227,12 +232,12 @@ class SanaBlock(nnx.Module):
                                      param_dtype)
     self.dtype = dtype
 
-  def __call__(self, x, t6, text_kv, mask_bias, hw):
+  def __call__(self, x, t6, text_kv, mask_bias, hw, identity_rows=None):
     """x [B, N, D]; t6 [B, 6, D]; text_kv: this block's text keys/values; hw = (H, W), H * W = N."""
     mod = self.scale_shift_table[...].astype(self.dtype)[None] + t6
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (mod[:, i:i + 1] for i in range(6))
     h = self.norm1(x) * (1 + scale_msa) + shift_msa
-    x = x + gate_msa * self.attn1(h)
+    x = x + gate_msa * self.attn1(h, identity_rows)
     x = x + self.attn2(x, text_kv, mask_bias)
     h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
     b, n, d = x.shape
@@ -297,9 +302,12 @@ class SanaTransformer(nnx.Module):
     keys, values = jax.vmap(lambda layer: nnx.merge(graphdef, layer).attn2.project_text(y))(stacked)
     return TextContext(keys, values, mask_bias)
 
-  def __call__(self, x, timestep, encoder_hidden_states=None, encoder_attention_mask=None, guidance=None, text=None):
+  def __call__(self, x, timestep, encoder_hidden_states=None, encoder_attention_mask=None, guidance=None, text=None,
+               perturbed=None):
     """Velocity [B, H, W, C]. Pass `text=model.encode_text(...)` to reuse the text's keys and values
-    across sampling steps instead of encoder_hidden_states / encoder_attention_mask."""
+    across sampling steps instead of encoder_hidden_states / encoder_attention_mask.
+    perturbed = (rows [B] bool, layers [num_layers] bool): perturbed-attention guidance's identity
+    self-attention for those rows in those layers."""
     cfg, p = self.config, self.config.patch_size
     b, H, W, c = x.shape
     if H % p or W % p:
@@ -322,7 +330,7 @@ class SanaTransformer(nnx.Module):
       guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32) * cfg.guidance_embeds_scale, (b,))
     t6, t_emb = self.time_embed(t, guidance)
 
-    h = self._run_blocks(parallel.constrain(h, _TOKENS), t6, text, (hp, wp))
+    h = self._run_blocks(parallel.constrain(h, _TOKENS), t6, text, (hp, wp), perturbed)
 
     shift, scale = jnp.split(self.scale_shift_table[...].astype(self.dtype)[None] + t_emb[:, None], 2, axis=1)
     h = self.norm_out(h) * (1 + scale) + shift
@@ -330,18 +338,21 @@ class SanaTransformer(nnx.Module):
     out = out.reshape(b, hp, wp, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, H, W, -1)
     return parallel.constrain(out, ("batch", None, None, None))
 
-  def _run_blocks(self, h, t6, text, hw):
+  def _run_blocks(self, h, t6, text, hw, perturbed=None):
     graphdef, stacked = nnx.split(self.blocks)
+    rows, layers = perturbed if perturbed is not None else (None, jnp.zeros(self.config.num_layers, bool))
 
     def body(carry, xs):
-      layer_state, keys, values = xs
-      out = nnx.merge(graphdef, layer_state)(carry, t6, (keys, values), text.mask_bias, hw)
+      layer_state, keys, values, perturb_layer = xs
+      identity = None if rows is None else rows & perturb_layer
+      out = nnx.merge(graphdef, layer_state)(carry, t6, (keys, values), text.mask_bias, hw, identity)
       return parallel.constrain(out, _TOKENS), None
 
     policy = REMAT_POLICIES[self.config.remat]
     if self.config.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    h, _ = jax.lax.scan(body, h, (stacked, text.keys, text.values), unroll=self.config.scan_unroll)
+    h, _ = jax.lax.scan(body, h, (stacked, text.keys, text.values, jnp.asarray(layers)),
+                        unroll=self.config.scan_unroll)
     return h
 
   @classmethod
