@@ -23,3 +23,19 @@ def nchw_to_nhwc(t):
 
 def nhwc_to_nchw(a):
   return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
+
+
+def byte_bpe_tokenizer(texts, vocab_size):
+  """A byte-level BPE tokenizer trained on `texts` (handles any unicode), with Gemma's special-token ids
+  (<pad> 0, <eos> 1, <bos> 2) and a BOS prepended, as a transformers fast tokenizer."""
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer)
+  tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                              pad_token="<pad>")

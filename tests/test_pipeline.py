@@ -5,25 +5,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import sana_jax
-from reference import rel_err, shift_off_init
+from reference import byte_bpe_tokenizer, rel_err, shift_off_init
 from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION
 
 HEIGHT, WIDTH = 32, 64  # non-square (diffusers wants multiples of 32); 4x DC-AE -> 8 x 16 latents
 
 
 def tiny_tokenizer():
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "<eos>", "<bos>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(list(COMPLEX_HUMAN_INSTRUCTION) + ["a red fox in the snow", "a blue house"], trainer)
-  tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                              pad_token="<pad>")
+  return byte_bpe_tokenizer(list(COMPLEX_HUMAN_INSTRUCTION) + ["a red fox in the snow", "a blue house"], 1000)
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +200,9 @@ def test_pag_matches_diffusers(pipelines, guidance):
                latents=jnp.asarray(latents), output_type="latent").images
   assert rel_err(np.asarray(mine), theirs) <= 1e-3
   assert rel_err(np.asarray(mine), np.asarray(plain)) > 1e-3  # PAG really changed the result
+
+
+def test_empty_prompt_works(pipelines):
+  _, ours, _ = pipelines
+  images = ours("", height=HEIGHT, width=WIDTH, num_inference_steps=2, seed=0, output_type="np").images
+  assert images.shape == (1, HEIGHT, WIDTH, 3) and np.isfinite(images).all()

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import sana_jax
-from reference import rel_err, shift_off_init
+from reference import byte_bpe_tokenizer, rel_err, shift_off_init
 from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION, PromptEncoder, load_tokenizer
 
 PROMPTS = [
@@ -24,15 +23,7 @@ MAX_LEN = 24
 def reference(tmp_path_factory):
   """A byte-level BPE tokenizer (any unicode) and a tiny random Gemma-2, both in the official formats."""
   root = tmp_path_factory.mktemp("textenc")
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>", "<bos>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(list(COMPLEX_HUMAN_INSTRUCTION) + [p.lower() for p in PROMPTS], trainer)
-  tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                              pad_token="<pad>")
+  fast = byte_bpe_tokenizer(list(COMPLEX_HUMAN_INSTRUCTION) + [p.lower() for p in PROMPTS], 400)
   fast.save_pretrained(root / "tokenizer")
   torch.manual_seed(0)
   config = transformers.Gemma2Config(vocab_size=len(fast), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
