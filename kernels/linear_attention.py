@@ -6,7 +6,7 @@ Sums are accumulated in float32 whatever the input dtype, as the reference imple
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla")
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
 def linear_attention_reference(q, k, v, eps=1e-15):
@@ -32,8 +32,13 @@ def linear_attention_reference(q, k, v, eps=1e-15):
 
 
 def linear_attention(q, k, v, *, eps=1e-15, implementation="auto"):
-  """Dispatches to a backend; "auto" falls back to the XLA reference where no kernel applies."""
+  """Dispatches to a backend. "pallas" forces the Pallas kernels (interpret mode on CPU); "auto" picks
+  the XLA reference until a kernel is measured faster on the device at hand."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown linear-attention implementation {implementation!r}; "
                      f"expected one of {IMPLEMENTATIONS}")
+  if implementation == "pallas":
+    from sana_jax.kernels.linear_attention_pallas import linear_attention_pallas
+    return linear_attention_pallas(q, k, v, eps, 128, jax.default_backend() == "cpu")
+  # "auto": the kernel has not yet been measured faster than XLA on any device, so XLA it is
   return linear_attention_reference(q, k, v, eps=eps)
