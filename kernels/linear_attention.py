@@ -38,7 +38,26 @@ def linear_attention(q, k, v, *, eps=1e-15, implementation="auto"):
     raise ValueError(f"unknown linear-attention implementation {implementation!r}; "
                      f"expected one of {IMPLEMENTATIONS}")
   if implementation == "pallas":
-    from sana_jax.kernels.linear_attention_pallas import linear_attention_pallas
-    return linear_attention_pallas(q, k, v, eps, 128, jax.default_backend() == "cpu")
+    return _pallas_sharded(q, k, v, eps)
   # "auto": the kernel has not yet been measured faster than XLA on any device, so XLA it is
   return linear_attention_reference(q, k, v, eps=eps)
+
+
+def _pallas_sharded(q, k, v, eps):
+  """pallas_call is not partitioned automatically: under a mesh, run it per shard (batch and heads
+  split as the logical rules say) with shard_map."""
+  from sana_jax import parallel
+  from sana_jax.kernels.linear_attention_pallas import linear_attention_pallas
+  kernel = lambda q, k, v: linear_attention_pallas(q, k, v, eps, 128, jax.default_backend() == "cpu")
+  active = parallel.active_mesh()
+  if active is None:
+    return kernel(q, k, v)
+  mesh, rules = active
+  spec = parallel.logical_to_spec(("batch", None, "heads", None), q.shape, mesh, rules)
+  try:  # pallas outputs carry no varying-axes annotation, so that check is off
+    from jax import shard_map
+    mapped = shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+  except (ImportError, TypeError):  # older JAX
+    from jax.experimental.shard_map import shard_map
+    mapped = shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_rep=False)
+  return mapped(q, k, v)

@@ -116,6 +116,11 @@ def use_mesh(mesh, rules=None):
     _ACTIVE_MESH.reset(token)
 
 
+def active_mesh():
+  """(mesh, rules) while tracing inside use_mesh(...), else None."""
+  return _ACTIVE_MESH.get()
+
+
 def constrain(x, names):
   active = _ACTIVE_MESH.get()
   if active is None:

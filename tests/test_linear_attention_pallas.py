@@ -57,3 +57,17 @@ def test_dit_with_pallas_equals_xla_including_grad():
   scale = np.abs(flat(g_xla)).max()
   for a, b in zip(jax.tree.leaves(g_pal), jax.tree.leaves(g_xla)):  # and none off on its own
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4 * scale
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices; tests/conftest.py sets XLA_FLAGS")
+def test_kernel_runs_per_shard_under_a_mesh():
+  from sana_jax import parallel
+  from sana_jax.kernels import linear_attention
+  mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+  q, k, v = qkv((4, 45, 6, 32), jnp.float32)
+  spec = jax.sharding.NamedSharding(mesh, parallel.logical_to_spec(("batch", None, "heads", None), q.shape, mesh))
+  q, k, v = (jax.device_put(a, spec) for a in (q, k, v))
+  with parallel.use_mesh(mesh):
+    got = jax.jit(lambda q, k, v: linear_attention(q, k, v, implementation="pallas"))(q, k, v)
+  assert got.sharding.spec == spec.spec  # batch over (data, fsdp), heads over tensor: no gather
+  assert rel_err(got, linear_attention_reference(q, k, v)) <= 1e-5
