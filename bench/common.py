@@ -33,3 +33,15 @@ def time_alternating(fns, repeats, warmup=2):
 
 def emit(record):
   print(json.dumps(record), flush=True)
+
+
+def random_reference(cls_name, cfg, dtype_name, device, directory):
+  """A seeded random diffusers model `cls_name` built on `device` in `dtype_name`, saved to
+  `directory` in the official format (for ours to load the very same weights)."""
+  import diffusers
+  import torch
+  torch.manual_seed(0)
+  with torch.device(device):
+    ref = getattr(diffusers, cls_name)(**cfg).to(getattr(torch, dtype_name)).eval()
+  ref.save_pretrained(directory)
+  return ref

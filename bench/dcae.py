@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import commit, emit, time_alternating  # noqa: E402
+from bench.common import commit, emit, random_reference, time_alternating  # noqa: E402
 from bench.flops import count_macs  # noqa: E402
 from flax import nnx  # noqa: E402
 import sana_jax  # noqa: E402
@@ -35,14 +35,8 @@ MEDIUM = dict(in_channels=3, latent_channels=32, attention_head_dim=32,
 
 
 def build(cfg, dtype_name, device, tmp):
-  import torch
-  import diffusers
-  torch.manual_seed(0)
-  tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-  with torch.device(device):
-    ref = diffusers.AutoencoderDC(**cfg).to(tdtype).eval()
-  ref.save_pretrained(tmp)
-  return ref, sana_jax.DCAE.from_pretrained(tmp, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name])
+  ref = random_reference("AutoencoderDC", cfg, dtype_name, device, tmp)
+  return ref, sana_jax.DCAE.from_pretrained(tmp, dtype=getattr(jnp, dtype_name))
 
 
 def run_cpu(repeats):

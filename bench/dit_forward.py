@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import commit, emit, time_alternating  # noqa: E402
+from bench.common import commit, emit, random_reference, time_alternating  # noqa: E402
 import sana_jax  # noqa: E402
 from sana_jax.models.dit import pure_forward  # noqa: E402
 
@@ -51,15 +51,8 @@ OVERRIDES = {}  # --set key=value: SanaTransformerConfig fields of ours only (e.
 
 def build_models(cfg, dtype_name, device, tmp):
   """A random diffusers model (on `device`), saved in the official format and loaded by us."""
-  import torch
-  import diffusers
-  torch.manual_seed(0)
-  tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-  with torch.device(device):
-    ref = diffusers.SanaTransformer2DModel(**cfg).to(tdtype).eval()
-  ref.save_pretrained(tmp)
-  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
-  return ref, sana_jax.SanaTransformer.from_pretrained(tmp, dtype=jdtype, **OVERRIDES)
+  ref = random_reference("SanaTransformer2DModel", cfg, dtype_name, device, tmp)
+  return ref, sana_jax.SanaTransformer.from_pretrained(tmp, dtype=getattr(jnp, dtype_name), **OVERRIDES)
 
 
 def run_model(cfg, name, res, batches, dtype_name, device, repeats, try_compile, profile_dir=None):
