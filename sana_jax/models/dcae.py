@@ -6,6 +6,7 @@ Channel orders inside (pixel (un)shuffle, shortcut grouping, the multi-scale q/k
 the PyTorch reference exactly, so its weights load by a name table alone.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -376,16 +377,21 @@ class DCAE(nnx.Module):
     return fn(state, jax.device_put(latents, spatial))
 
   def _pure(self, method):
-    """A jitted function of the input alone (the graph split once), compiled once per tile shape."""
+    """A jitted function of the input alone, over the weights as they are now. One shared jit keyed
+    by the (static) graph and method, so repeated calls, tiled ones too, reuse compiled programs."""
     graphdef, state = nnx.split(self)
-    fn = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
-    return lambda x: fn(state, x)
+    return lambda x: _apply_method(graphdef, method, state, x)
 
   @classmethod
   def from_pretrained(cls, path, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=None):
     """Loads a diffusers `AutoencoderDC` directory (config.json + safetensors), or a pipeline's vae/."""
     from sana_jax.convert import diffusers_dcae
     return diffusers_dcae.load(path, dtype=dtype, param_dtype=param_dtype or dtype, mesh=mesh, rules=rules)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_method(graphdef, method, state, x):
+  return getattr(nnx.merge(graphdef, state), method)(x)
 
 
 def _check_tiling(tile, stride, factor):
