@@ -1,0 +1,230 @@
+"""Encode an image dataset once: DC-AE latents (times the scaling factor) and text embeddings, written
+as ArrayRecord shards + metadata that `source="array_record:OUT"` trains from (format: `records`).
+
+  python -m sana_jax.data.precompute --images DIR_OR_tfds:NAME --model DIFFUSERS_DIR --out DIR \
+      [--resolution 512] [--batch-size 16] [--all-captions]
+
+Images go through the training transform (nearest aspect bucket of `--resolution`, resize-cover,
+centre crop), in order, bucket by bucket. Unreadable images are skipped and counted; the output
+appears only when complete (written to OUT.partial, then renamed).
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from sana_jax.data import pipeline, records
+from sana_jax.data.buckets import bucket_table
+from sana_jax.data.plan import Plans
+from sana_jax.data.sources import FolderSource, TfdsImageSource
+from sana_jax.errors import SanaError
+
+log = logging.getLogger(__name__)
+
+
+def image_source(images, *, data_dir=None, split="train", table, seed=0, tau=0.1):
+  """`tfds:NAME` -> a TFDS image dataset; a directory -> an image folder with caption sidecars."""
+  if images.startswith("tfds:"):
+    return TfdsImageSource(images[5:], data_dir=data_dir, split=split, table=table, seed=seed, tau=tau)
+  if os.path.isdir(images):
+    return FolderSource(images, table=table, seed=seed, tau=tau)
+  raise SanaError(f"--images {images!r}: neither a directory nor tfds:NAME")
+
+
+def _keep_all(examples, caption_length=None):
+  del caption_length
+  return {"images": np.stack([e.pop("image") for e in examples]), "examples": examples}
+
+
+def precompute(images, out, *, encode_images, encode_captions, scaling_factor, buckets, null_text=None,
+               spatial_compression=32, batch_size=16, data_dir=None, split="train", all_captions=False, tau=0.1, seed=0,
+               latent_dtype="float16", shard_size=1024, overwrite=False, read_threads=2, extra_metadata=None):
+  """Writes the dataset to `out`; returns its metadata.
+
+  encode_images(images f32 [B, H, W, 3] in [-1, 1]) -> unscaled latents [B, H/f, W/f, C];
+  encode_captions(list of B str) -> (y [B, L, Dy], mask [B, L]). The CLI builds both from a
+  diffusers-format model directory (`load_encoders`); tests inject small ones.
+  null_text: (y [L, Dy], mask [L]) of the empty caption, stored for caption dropout (`data.null_text`).
+  With all_captions every caption of an image is encoded (chosen per epoch when training), else one,
+  drawn with weight score^(1/tau) as for epoch 0.
+  """
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.isdir(out) and os.listdir(out):
+    if not overwrite:
+      raise SanaError(f"--out {out} exists and is not empty (pass --overwrite to replace a previous output)")
+    if records.read_metadata(out) is None:
+      raise SanaError(f"--out {out} is not a precompute output; refusing to overwrite it")
+  if batch_size <= 0 or shard_size <= 0:
+    raise SanaError(f"batch size {batch_size} and shard size {shard_size} must be positive")
+  table = bucket_table(buckets, 1, spatial_compression)
+  source = image_source(images, data_dir=data_dir, split=split, table=table, seed=seed, tau=tau)
+  plans = Plans(source.bucket_ids, len(table), batch_size, seed, shuffle=False, drop_remainder=False)
+  batches = pipeline.GlobalBatches(source, plans, epochs=1, refill=False, collate=_keep_all, with_index=True)
+  tmp = out.rstrip("/") + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    os.makedirs(tmp)
+  except OSError as e:
+    raise SanaError(f"cannot create {tmp}: {e.strerror}") from None
+  try:
+    meta = _write(batches, source, tmp, encode_images, encode_captions, scaling_factor, all_captions,
+                  np.dtype(latent_dtype), shard_size, read_threads)
+    meta.update(source=images, resolution_buckets=[[h, w] for _, h, w in table], scaling_factor=float(scaling_factor),
+                spatial_compression=spatial_compression, captions="all" if all_captions else "one", tau=tau,
+                seed=seed, **(extra_metadata or {}))
+    if null_text is not None:
+      records.write_null_text(tmp, *null_text)
+    with open(os.path.join(tmp, records.METADATA), "w") as f:
+      json.dump(meta, f, indent=1)
+    if os.path.isdir(out):
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  log.warning("%s: %d examples written, %d skipped", out, meta["count"], meta["skipped"])
+  return meta
+
+
+def _write(batches, source, directory, encode_images, encode_captions, scale, all_captions, latent_dtype,
+           shard_size, read_threads):
+  writer = records.ShardWriter(directory, shard_size)
+  seen, bad_keys, shapes = set(), [], {}
+  it = pipeline.iterate(batches, read_threads=read_threads, prefetch=2)
+  start, done = time.time(), 0
+  try:
+    for _ in range(len(batches)):
+      batch = next(it)
+      if batch is None:  # every image of the batch was bad
+        continue
+      latents = np.asarray(encode_images(batch["images"]), np.float32) * scale
+      examples = batch["examples"]
+      texts = [list(e["captions"]) if all_captions else [e["caption"]] for e in examples]
+      y, mask = encode_captions([t for ts in texts for t in ts])
+      y, mask = np.asarray(y, np.float32), np.asarray(mask)
+      at = np.cumsum([0] + [len(ts) for ts in texts])
+      for i, (e, index) in enumerate(zip(examples, batch["index"])):
+        seen.add(int(index))
+        yi, mi = y[at[i]:at[i + 1]], mask[at[i]:at[i + 1]]
+        lat = latents[i].astype(latent_dtype)
+        if not (np.isfinite(lat).all() and np.isfinite(yi.astype(np.float16)).all()):
+          bad_keys.append(e["key"])  # overflow in the stored precision: unusable for training
+          continue
+        scores = e["scores"] if all_captions else e["scores"][e["choice"]:e["choice"] + 1]
+        size = batch["images"].shape[1:3]
+        writer.write(size, lat.shape, records.make_record(lat, yi, mi, captions=texts[i], scores=scores, key=e["key"],
+                                                           size=size, latent_dtype=latent_dtype))
+        shapes = dict(latent_channels=lat.shape[-1], caption_length=y.shape[1], caption_channels=y.shape[2])
+      done += len(examples)
+      log.info("%d images encoded (%.1f/s)", done, done / (time.time() - start))
+  finally:
+    buckets = writer.close()
+    it.close()
+  if not shapes:
+    raise SanaError("no image could be read and encoded; nothing written")
+  lost = [source.describe(i) for i in np.nonzero(source.bucket_ids >= 0)[0] if int(i) not in seen]
+  skipped = list(getattr(source, "skipped_examples", [])) + lost + bad_keys
+  return dict(format=records.FORMAT, version=records.VERSION, count=sum(b["count"] for b in buckets),
+              skipped=source.scan_skipped + len(lost) + len(bad_keys), skipped_examples=skipped[:100],
+              latent_dtype=latent_dtype.name, buckets=buckets, **shapes)
+
+
+def load_encoders(model, *, dtype="float32", max_sequence_length=300, batch_size=16):
+  """(encode_images, encode_captions, null_text, scaling_factor, spatial_compression) from a diffusers-format
+  Sana directory (its vae/, text_encoder/ and tokenizer/), loaded as SanaPipeline loads them.
+  Inputs are padded to `batch_size` rows so each bucket compiles once."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from sana_jax.models.dcae import DCAE
+  from sana_jax.models.gemma import GemmaTextEncoder
+  from sana_jax.pipeline import DTYPES, resolve_model
+  from sana_jax.text import PromptEncoder, load_tokenizer
+  path = resolve_model(model)
+  dtype = DTYPES[dtype]
+  vae = DCAE.from_pretrained(os.path.join(path, "vae"), dtype=dtype)
+  prompts = PromptEncoder(load_tokenizer(path), GemmaTextEncoder.from_pretrained(os.path.join(path, "text_encoder"),
+                                                                                 dtype=dtype),
+                          max_sequence_length=max_sequence_length)
+  graphdef, state = nnx.split(vae)
+  encode = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode(x))
+
+  def encode_images(x):
+    n = len(x)
+    x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)]) if n < batch_size else x
+    return np.asarray(encode(state, jnp.asarray(x, dtype)), np.float32)[:n]
+
+  def encode_captions(texts):
+    ys, masks = [], []
+    for i in range(0, len(texts), batch_size):
+      chunk = texts[i:i + batch_size]
+      y, mask = prompts.encode_positive(chunk + [""] * (batch_size - len(chunk)))
+      ys.append(np.asarray(y, np.float32)[:len(chunk)])
+      masks.append(np.asarray(mask)[:len(chunk)])
+    return np.concatenate(ys), np.concatenate(masks)
+
+  y, mask = prompts.encode_negative([""])  # the reference's null caption: no CHI, no token selection
+  null_text = (np.asarray(y, np.float32)[0], np.asarray(mask)[0])
+  return encode_images, encode_captions, null_text, vae.scaling_factor, vae.config.spatial_compression
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line and exit status 2, like every other user error
+    raise SanaError(message)
+
+
+def parse_args(argv):
+  p = _Parser(prog="python -m sana_jax.data.precompute", description=__doc__.split("\n\n")[0])
+  p.add_argument("--images", required=True, help="image folder with caption sidecars, or tfds:NAME")
+  p.add_argument("--model", required=True, help="diffusers-format Sana directory (vae/, text_encoder/, tokenizer/)")
+  p.add_argument("--out", required=True, help="output directory (new, or a previous output with --overwrite)")
+  p.add_argument("--resolution", type=int, default=512, help="aspect-ratio buckets of this resolution (512 ... 4096)")
+  p.add_argument("--square", action="store_true", help="one square bucket of --resolution pixels instead")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--data-dir", default=None, help="TFDS data_dir for --images tfds:NAME")
+  p.add_argument("--split", default="train")
+  p.add_argument("--all-captions", action="store_true", help="encode every caption (training draws one per epoch)")
+  p.add_argument("--tau", type=float, default=0.1, help="caption choice weight score^(1/tau)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max-sequence-length", type=int, default=300)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model compute dtype")
+  p.add_argument("--latent-dtype", default="float16", choices=("float16", "float32"))
+  p.add_argument("--shard-size", type=int, default=1024, help="records per ArrayRecord file")
+  p.add_argument("--threads", type=int, default=4, help="threads decoding and resizing images")
+  p.add_argument("--overwrite", action="store_true")
+  return p.parse_args(argv)
+
+
+def run(args):
+  buckets = [(args.resolution, args.resolution)] if args.square else args.resolution
+  bucket_table(buckets, 1, 32)  # fail on a bad resolution before loading any model
+  encode_images, encode_captions, null, scale, f = load_encoders(
+      args.model, dtype=args.dtype, batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
+  return precompute(args.images, args.out, encode_images=encode_images, encode_captions=encode_captions,
+                    null_text=null, scaling_factor=scale, buckets=buckets, spatial_compression=f,
+                    batch_size=args.batch_size,
+                    data_dir=args.data_dir, split=args.split, all_captions=args.all_captions, tau=args.tau,
+                    seed=args.seed, latent_dtype=args.latent_dtype, shard_size=args.shard_size,
+                    overwrite=args.overwrite, read_threads=args.threads, extra_metadata={"model": args.model})
+
+
+def main(argv=None):
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  logging.getLogger("sana_jax.data").setLevel(logging.INFO)
+  try:
+    meta = run(parse_args(sys.argv[1:] if argv is None else argv))
+  except SanaError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps({k: meta[k] for k in ("count", "skipped", "latent_channels", "caption_length", "caption_channels")}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

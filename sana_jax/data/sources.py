@@ -1,0 +1,195 @@
+"""Example sources. Each is a picklable random-access table (grain workers unpickle their own copy):
+
+  kind         "latents" (load -> latents [h, w, c], y [n, Dy], mask [n]) or
+               "images"  (load -> image [H, W, 3] in [-1, 1], caption, captions, scores, key)
+  bucket_ids   int32 [N]: each example's bucket, known without decoding it; -1 = in no bucket
+               (found unreadable while scanning: never loaded, counted in `scan_skipped`)
+  buckets      the buckets' shapes: latent [h, w, c], or pixel (H, W) for images
+  load(index, epoch)   the example; any exception means a bad example (skipped and counted)
+"""
+import logging
+import os
+import zlib
+
+import numpy as np
+
+from sana_jax.data import folder as folder_lib
+from sana_jax.data import hashing, images
+from sana_jax.data.buckets import nearest_bucket
+from sana_jax.errors import SanaError
+
+log = logging.getLogger(__name__)
+_BANK = 1 << 22  # floats in the synthetic random bank (16 MiB)
+
+
+class SyntheticSource:
+  """Deterministic random latents and text embeddings, for benchmarks and smoke runs.
+
+  Each array is a window, at an offset hashed from (seed, index), into one bank of standard normals
+  generated once per process: the cost of an example is a memory copy. Examples are deterministic
+  per (seed, index) but not independent of each other (windows overlap); buckets are hashed too.
+  """
+  kind = "latents"
+  scan_skipped = 0
+
+  def __init__(self, size, *, table, spatial_compression, latent_channels, caption_length, caption_channels, seed):
+    if size <= 0:
+      raise SanaError(f"synthetic_size must be positive, got {size}")
+    f = spatial_compression
+    self.buckets = [(h // f, w // f, latent_channels) for _, h, w in table]
+    self.bucket_ids = (hashing.hash64_array(seed, hashing.SYNTH_BUCKET, np.arange(size))
+                       % np.uint64(len(self.buckets))).astype(np.int32)
+    self.caption_length, self.caption_channels, self.seed = caption_length, caption_channels, seed
+    self._bank = None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_bank": None}  # regenerated in each worker, not pickled
+
+  def _window(self, purpose, index, n):
+    if self._bank is None:
+      self._bank = np.random.default_rng(self.seed).standard_normal(_BANK, np.float32)
+    bank = self._bank if n < _BANK else np.resize(self._bank, n + 1)
+    start = hashing.hash64(self.seed, purpose, index) % (len(bank) - n)
+    return bank[start:start + n]
+
+  def __len__(self):
+    return len(self.bucket_ids)
+
+  def load(self, index, epoch):
+    del epoch
+    shape = self.buckets[self.bucket_ids[index]]
+    n = 1 + hashing.hash64(self.seed, hashing.SYNTH_LENGTH, index) % self.caption_length  # real tokens
+    return {"latents": self._window(hashing.SYNTH_LATENTS, index, int(np.prod(shape))).reshape(shape),
+            "y": self._window(hashing.SYNTH_Y, index, n * self.caption_channels).reshape(n, self.caption_channels),
+            "mask": np.ones(n, np.uint8)}
+
+  def describe(self, index):
+    return f"synthetic example {index}"
+
+
+def image_example(data, size, captions, scores, *, key, tau, seed, epoch, index):
+  """Encoded image bytes -> the "images"-kind example, resized and cropped into `size` (H, W)."""
+  pixels = images.resize_cover_crop(images.decode(data), *size)
+  k = images.choose_caption(scores, tau, seed, epoch, index)
+  return {"image": images.to_unit_range(pixels), "caption": captions[k], "choice": k, "captions": tuple(captions),
+          "scores": np.asarray(scores, np.float32), "key": key}
+
+
+class FolderSource:
+  """Images with caption sidecars straight from a folder (see `folder.py`); image headers are read
+  once up front for the bucket assignment."""
+  kind = "images"
+
+  def __init__(self, path, *, table, seed, tau):
+    self.items, bad = folder_lib.scan(path)
+    self.table, self.seed, self.tau = table, seed, tau
+    self.buckets = [(h, w) for _, h, w in table]
+    ids = []
+    for item in self.items:
+      try:
+        ids.append(nearest_bucket(*images.header_size(item.path), table))
+      except Exception as e:  # noqa: BLE001 - any unreadable header: the image is skipped
+        bad.append((item.key, f"image header: {e}"))
+        ids.append(-1)
+    for key, reason in bad:
+      log.warning("skipping %s: %s", key, reason)
+    self.bucket_ids = np.asarray(ids, np.int32)
+    self.scan_skipped, self.skipped_examples = len(bad), [key for key, _ in bad]
+    if not self.items:
+      raise SanaError(f"image folder {path!r} holds no images ({', '.join(images.IMAGE_EXTENSIONS)})")
+
+  def __len__(self):
+    return len(self.items)
+
+  def load(self, index, epoch):
+    item = self.items[index]
+    with open(item.path, "rb") as f:
+      data = f.read()
+    return image_example(data, self.buckets[self.bucket_ids[index]], item.captions, item.scores, key=item.key,
+                         tau=self.tau, seed=self.seed, epoch=epoch, index=index)
+
+  def describe(self, index):
+    return self.items[index].key
+
+
+def _text(value):
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class TfdsImageSource:
+  """A TFDS image dataset in ArrayRecord format, read with `tfds.data_source` (images left encoded
+  and decoded here, so a bad one is skipped rather than failing the reader). Captions come from a
+  `captions` sequence (with optional `scores`) or a single `caption` text feature; height and width
+  features, when present, give the buckets without touching the image bytes' headers."""
+  kind = "images"
+
+  def __init__(self, name, *, data_dir, split, table, seed, tau):
+    import tensorflow_datasets as tfds
+    try:
+      features = tfds.builder(name, data_dir=data_dir).info.features
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir,
+                                      decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception as e:  # noqa: BLE001 - missing dataset, split or file format: the user's to fix
+      raise SanaError(f"cannot open TFDS dataset {name!r} (split {split!r}, data_dir {data_dir!r}): "
+                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if "image" not in features or not ({"captions", "caption"} & set(features)):
+      raise SanaError(f"TFDS dataset {name!r} has features {sorted(features)}; expected 'image' and "
+                      "'captions' (or 'caption'). Precomputed latents are read with source='array_record:DIR'")
+    self.table, self.seed, self.tau = table, seed, tau
+    self.buckets = [(h, w) for _, h, w in table]
+    sized = {"height", "width"} <= set(features)
+    ids = []
+    for i in range(len(self._source)):
+      ex = self._source[i]
+      try:
+        hw = (int(ex["height"]), int(ex["width"])) if sized else images.decode(ex["image"]).size[::-1]
+        ids.append(nearest_bucket(*hw, table))
+      except Exception:  # noqa: BLE001 - unreadable image: in no bucket
+        ids.append(-1)
+    self.bucket_ids = np.asarray(ids, np.int32)
+    self.scan_skipped = int((self.bucket_ids < 0).sum())
+
+  def __len__(self):
+    return len(self._source)
+
+  def load(self, index, epoch):
+    ex = self._source[index]
+    captions = [_text(c) for c in ex["captions"]] if "captions" in ex else [_text(ex["caption"])]
+    scores = list(ex.get("scores", [])) or [1.0] * len(captions)
+    if not captions or len(scores) != len(captions):
+      raise ValueError(f"{len(captions)} captions, {len(scores)} scores")
+    return image_example(ex["image"], self.buckets[self.bucket_ids[index]], captions, scores,
+                         key=_text(ex.get("key", index)), tau=self.tau, seed=self.seed, epoch=epoch, index=index)
+
+  def describe(self, index):
+    return f"TFDS example {index}"
+
+
+def make_source(c, *, seed, split, table):
+  """The source named by config `c.source` (see `config.py`) for `split`.
+
+  Splits: TFDS's own; array_record:DIR uses DIR/SPLIT when that holds a precompute output, else DIR
+  (with a warning for a split other than train); synthetic data draws another split from another seed.
+  """
+  from sana_jax.data.records import METADATA, LatentRecordSource
+  kind, _, arg = c.source.partition(":")
+  if kind == "synthetic":
+    if split != "train":
+      seed = hashing.hash64(seed, zlib.crc32(split.encode())) % 2**31
+    return SyntheticSource(c.synthetic_size, table=table, spatial_compression=c.spatial_compression,
+                           latent_channels=c.latent_channels, caption_length=c.caption_length,
+                           caption_channels=c.caption_channels, seed=seed)
+  if kind in ("array_record", "folder") and arg:
+    path = os.path.expanduser(arg)
+    if kind == "array_record" and os.path.exists(os.path.join(path, split, METADATA)):
+      path = os.path.join(path, split)
+    elif split != "train":
+      log.warning("%s has no %r split: reading the whole source for it", arg, split)
+    if kind == "folder":
+      return FolderSource(path, table=table, seed=seed, tau=c.caption_tau)
+    return LatentRecordSource(path, seed=seed, tau=c.caption_tau, caption_length=c.caption_length,
+                              caption_channels=c.caption_channels, latent_channels=c.latent_channels)
+  if kind == "tfds" and arg:
+    return TfdsImageSource(arg, data_dir=c.data_dir, split=split, table=table, seed=seed, tau=c.caption_tau)
+  raise SanaError(f"data source {c.source!r}; expected 'synthetic', 'array_record:DIR_OR_GLOB', 'tfds:NAME' "
+                  "or 'folder:DIR'")
