@@ -131,6 +131,7 @@ def main(argv=None):
   from tqdm import tqdm
 
   from sana_jax import SanaPipeline
+  from sana_jax.compile_cache import enable_compilation_cache
   enable_compilation_cache()
   pipe = SanaPipeline.from_pretrained(model_dir, dtype=args.dtype, sampler=args.sampler)
   jobs = [(p, i) for p in prompts for i in range(args.num_images_per_prompt)]
@@ -161,18 +162,6 @@ def main(argv=None):
   rate = later_images / later if later else len(jobs[:args.batch_size]) / first_call
   print(f"wrote {index} image(s) to {args.output_dir}; first call (with compile) {first_call:.1f} s; "
         f"{rate:.2f} images/s{'' if later else ' (one batch, compile included)'}")
-
-
-def enable_compilation_cache():
-  """JAX's persistent compilation cache under the user's cache directory: one compile per shape, ever."""
-  import jax
-  cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sana-jax", "xla")
-  try:
-    os.makedirs(cache, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  except OSError:
-    pass  # a read-only home: compile every time
 
 
 if __name__ == "__main__":

@@ -69,8 +69,13 @@ def flow_shift(res):
 
 
 def sana_config(size, arg, **variant):
-  """The full config shared by the per-size files."""
-  arg = parse_arg(arg, res=1024, runlocal=False, dtype="bfloat16", remat="none")
+  """The full config shared by the per-size files: the model, sampling, and a training run.
+
+  Pretraining follows the paper's recipe (CAME lr 1e-4, clip 0.1, logit-normal timesteps); `init_from`
+  (a diffusers transformer directory) turns it into fine-tuning at a lower learning rate.
+  """
+  arg = parse_arg(arg, res=1024, runlocal=False, dtype="bfloat16", remat="none", batch=1024, steps=200_000,
+                  init_from="")
   c = mlc.ConfigDict()
   c.model = sana_transformer(size, arg.res, **variant)
   c.model.remat = arg.remat
@@ -80,7 +85,45 @@ def sana_config(size, arg, **variant):
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = {}  # overrides of sana_jax.parallel.DEFAULT_RULES: {logical name: mesh axis}
   c.sampling = dict(steps=20, guidance_scale=4.5, flow_shift=flow_shift(arg.res))
+  # precomputed latents + Gemma embeddings (python -m sana_jax.data.precompute); set data.source
+  data = dict(source="", latent_channels=32, latent_size=c.latent_size, caption_length=300, caption_channels=2304,
+              num_workers=8)
+  finetune = bool(arg.init_from)
+  training(c, batch_size=arg.batch, total_steps=arg.steps, lr=2e-5 if finetune else 1e-4,
+           warmup_steps=500 if finetune else 2000, data=data, init_from=arg.init_from)
+  c.objective.flow_shift = 3.0  # the released training configs (512 and 1024 px alike)
+  c.mesh.fsdp = 1 if size == "600m" else -1  # 1.6B and up: shard weights and optimizer state (ZeRO-3)
+  c.mesh.data = -1 if size == "600m" else 1
   if arg.runlocal:
     shrink_for_runlocal(c.model)
     c.dtype = "float32"
+    c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, 10, 1, 5
+    c.data = dict(source="synthetic", latent_channels=32, latent_size=4, caption_length=8,
+                  caption_channels=c.model.caption_channels, num_workers=0)
+    c.optim.base_batch = 8
+  return c
+
+
+def training(c, *, batch_size, total_steps, lr, warmup_steps, data, init_from=""):
+  """The training blocks shared by every run config (diffusers' / the paper's recipe by default)."""
+  c.seed = 0
+  c.batch_size = batch_size           # global, over all processes
+  c.grad_accum = 1
+  c.total_steps = total_steps
+  c.log_every = 10
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.max_nonfinite_steps = 20          # non-finite steps in a row before the run stops
+  c.ema_decay = 0.0                   # 0 keeps no EMA
+  c.attention_impl = "xla"
+  c.init_from = init_from             # a diffusers transformer directory to fine-tune from
+  c.objective = dict(weighting="logit_normal", logit_mean=0.0, logit_std=1.0, flow_shift=1.0,
+                     integer_timesteps=False, caption_dropout=0.1)
+  c.optim = dict(name="came", lr=lr, lr_scaling=placeholder(str), base_batch=batch_size, warmup_steps=warmup_steps,
+                 schedule="constant", b1=0.9, b2=0.999, b3=0.9999, eps=None, clip_threshold=1.0,
+                 weight_decay=0.0, clip_norm=0.1)
+  c.data = data
+  c.eval = dict(every=0, sigmas=(0.25, 0.5, 0.75), batches=2)
+  c.sample = dict(every=0, model_dir="", prompts=("a photo of a cat",), steps=20, guidance_scale=4.5, seed=0)
   return c

@@ -57,13 +57,21 @@ class SanaPipeline:
     # several local devices: the batch (CFG pairs and prompts) is split over them, weights replicated
     self.mesh = parallel.make_mesh(data=-1, devices=jax.local_devices()) if jax.local_device_count() > 1 else None
     if self.mesh is not None:
-      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      self._dit_state = jax.device_put(self._dit_state, replicated)
+      self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      self._dit_state = jax.device_put(self._dit_state, self._replicated)
     self._generate = jax.jit(self._generate_impl, static_argnames=("sampler", "steps", "cfg", "pag", "pag_layers"))
     self._decode = vae._pure("decode")
 
   @classmethod
   def from_pretrained(cls, path, dtype=jnp.float32, *, sampler=None, **kwargs):
+    components = cls.components_from_pretrained(path, dtype)
+    default_sampler = components.pop("sampler")
+    return cls(**components, sampler=sampler or default_sampler, **kwargs)
+
+  @staticmethod
+  def components_from_pretrained(path, dtype=jnp.float32, *, transformer=True):
+    """The pipeline's parts from a diffusers-format directory (or hub id), as constructor keywords;
+    transformer=False leaves the DiT out (training samples with the model being trained)."""
     path = resolve_model(path)
     index_path = os.path.join(path, "model_index.json")
     if not os.path.exists(index_path):
@@ -73,12 +81,18 @@ class SanaPipeline:
       sched = json.load(f)
     if sched.get("_class_name") not in SCHEDULERS:
       raise SanaError(f"scheduler {sched.get('_class_name')!r} is not supported; expected one of {sorted(SCHEDULERS)}")
-    shift = sched.get("flow_shift", sched.get("shift", 3.0))
-    return cls(load_tokenizer(os.path.join(path, "tokenizer")),
-               GemmaTextEncoder.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype),
-               SanaTransformer.from_pretrained(os.path.join(path, "transformer"), dtype=dtype),
-               DCAE.from_pretrained(os.path.join(path, "vae"), dtype=dtype),
-               sampler=sampler or SCHEDULERS[sched["_class_name"]], flow_shift=shift, **kwargs)
+    parts = dict(tokenizer=load_tokenizer(os.path.join(path, "tokenizer")),
+                 text_encoder=GemmaTextEncoder.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype),
+                 vae=DCAE.from_pretrained(os.path.join(path, "vae"), dtype=dtype),
+                 sampler=SCHEDULERS[sched["_class_name"]], flow_shift=sched.get("flow_shift", sched.get("shift", 3.0)))
+    if transformer:
+      parts["transformer"] = SanaTransformer.from_pretrained(os.path.join(path, "transformer"), dtype=dtype)
+    return parts
+
+  def set_transformer_params(self, state):
+    """Swaps in new DiT weights of the same architecture (training's periodic samples)."""
+    state = jax.device_put(state, self._replicated) if self.mesh is not None else state
+    self._dit_state = state
 
   def encode_prompt(self, prompt, negative_prompt="", do_classifier_free_guidance=True, num_images_per_prompt=1):
     """(embeds, mask, negative embeds, negative mask), each repeated per image of a prompt."""

@@ -1,0 +1,188 @@
+"""The training loop: one readable function, `train(config, workdir)`.
+
+data -> global arrays -> jitted step -> (log, validate, sample, checkpoint). A run resumes from the
+last checkpoint in its workdir, saves on SIGTERM (preemption) and on its last step, and stops with a
+clear error when the loss stays non-finite.
+"""
+import json
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+
+from sana_jax import parallel
+from sana_jax.errors import SanaError
+from sana_jax.training.checkpoint import Checkpointer
+from sana_jax.training.runlog import RunLog
+from sana_jax.training.trainer import Trainer
+
+
+def train(config, workdir):
+  from sana_jax import data
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.mesh_from_config(config.mesh)
+  rules = parallel.rules_from_config(config.get("sharding_rules"))
+  if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"] * config.get("grad_accum", 1)):
+    raise SanaError(f"batch_size {config.batch_size} does not split over data x fsdp = "
+                    f"{mesh.shape['data'] * mesh.shape['fsdp']} devices and grad_accum = {config.get('grad_accum', 1)}")
+  trainer = Trainer(config, mesh, rules)
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.get("async_checkpoints", True))
+  batches = data.make_train_iterator(config.data, global_batch=config.batch_size, process_index=jax.process_index(),
+                                     process_count=jax.process_count(), seed=config.seed, split="train")
+  null_text = tuple(np.asarray(a) for a in data.null_text(config.data))
+
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(trainer.abstract_state())
+    batches.set_state(data_state)
+  else:
+    start = 0
+    state = trainer.state_from_params(load_init_params(config, trainer)) if config.get("init_from") else trainer.init()
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+
+  log = RunLog(workdir, total_steps=config.total_steps, start_step=start)
+  validate = Validation(config, trainer) if config.eval.every else None
+  sampler = Sampler(config, trainer, log, workdir) if config.sample.every else None
+  stop = PreemptionFlag()
+  step, last_time, last_step = start, time.perf_counter(), start
+  try:
+    while step < config.total_steps:
+      state, metrics = trainer.step(state, trainer.put_batch(next(batches)), null_text)
+      step += 1
+      log.advance()
+      if step % config.log_every == 0 or step == config.total_steps:
+        metrics, nonfinite = jax.device_get((metrics, state.nonfinite))
+        now = time.perf_counter()
+        step_time = (now - last_time) / (step - last_step)
+        last_time, last_step = now, step
+        log.write(step, dict(metrics, step_time=step_time, examples_per_sec=config.batch_size / step_time,
+                             skipped_steps=int(jax.device_get(state.skipped)), bad_examples=data.skipped_count(batches)))
+        if nonfinite >= config.max_nonfinite_steps:
+          raise SanaError(f"loss or gradients non-finite for {int(nonfinite)} steps in a row at step {step}; "
+                          f"stopped, the last checkpoint ({ckpt.latest_step()}) holds the last good state")
+      if validate and step % config.eval.every == 0:
+        log.write(step, validate(state))
+      if sampler and step % config.sample.every == 0:
+        sampler(state, step)
+      preempted = stop.is_set()
+      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
+        ckpt.save(step, state, batches.get_state(), config)
+      if preempted:
+        print(f"SIGTERM: saved step {step}; exiting to resume later", flush=True)
+        break
+  finally:
+    ckpt.close()  # joins the in-flight save: a checkpoint is never left half-written by us
+    log.close()
+    stop.restore()
+  return state
+
+
+def load_init_params(config, trainer):
+  """Float32 params of a diffusers SanaTransformer2DModel directory, for fine-tuning."""
+  from sana_jax.models.dit import SanaTransformer
+  from flax import nnx
+  model = SanaTransformer.from_pretrained(config.init_from, dtype=np.float32, mesh=trainer.mesh, rules=trainer.rules)
+  params = nnx.to_pure_dict(nnx.state(model))
+  want = jax.tree.map(lambda a: a.shape, trainer.abstract_params)
+  got = jax.tree.map(lambda a: a.shape, params)
+  if want != got:
+    raise SanaError(f"init_from={config.init_from}: its transformer does not match config.model "
+                    f"(compare its config.json with the run's model block)")
+  return params
+
+
+class Validation:
+  """Loss at fixed sigmas on the first `eval.batches` batches of the held-out split."""
+
+  def __init__(self, config, trainer):
+    from sana_jax import data
+    self.trainer, self.sigmas = trainer, tuple(config.eval.sigmas)
+    it = data.make_train_iterator(config.data, global_batch=config.batch_size, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), seed=config.seed, split="validation")
+    self.batches = [trainer.put_batch(next(it)) for _ in range(config.eval.batches)]
+
+  def __call__(self, state):
+    out = {}
+    for sigma in self.sigmas:
+      losses = [self.trainer.eval_loss(state.params, b, sigma) for b in self.batches]
+      out[f"val_loss@{sigma:g}"] = float(np.mean(jax.device_get(losses)))
+    out["val_loss"] = float(np.mean(list(out.values())))
+    return out
+
+
+class Sampler:
+  """PNGs for fixed prompts every `sample.every` steps, from the EMA params when kept.
+
+  The text encoder, tokenizer and DC-AE come from `sample.model_dir` (a diffusers-format directory);
+  the transformer is the one being trained.
+  """
+
+  def __init__(self, config, trainer, log, workdir):
+    from sana_jax.pipeline import SanaPipeline
+    c = config.sample
+    if not c.model_dir:
+      raise SanaError("sample.every is set but sample.model_dir is empty: it must name a diffusers-format "
+                      "directory with the tokenizer, text encoder and vae")
+    self.components = SanaPipeline.components_from_pretrained(c.model_dir, transformer=False)
+    self.trainer, self.pipe = trainer, None
+    self.config, self.log, self.dir = c, log, os.path.join(workdir, "samples")
+
+  def __call__(self, state, step):
+    from jax.experimental import multihost_utils
+    params = state.ema if state.ema is not None else state.params
+    params = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else params
+    if jax.process_index() != 0:
+      return
+    if self.pipe is None:
+      from flax import nnx
+      from sana_jax.pipeline import SanaPipeline
+      transformer = nnx.merge(self.trainer.graphdef, params)
+      self.pipe = SanaPipeline(**self.components, transformer=transformer)
+    else:
+      self.pipe.set_transformer_params(params)
+    out = self.pipe(list(self.config.prompts), num_inference_steps=self.config.steps,
+                    guidance_scale=self.config.guidance_scale, seed=self.config.seed, output_type="np")
+    os.makedirs(self.dir, exist_ok=True)
+    from PIL import Image
+    for i, image in enumerate(out.images):
+      pixels = (np.asarray(image) * 255).round().astype(np.uint8)
+      _write_png(os.path.join(self.dir, f"step{step:07d}_{i}.png"), Image.fromarray(pixels))
+      self.log.image(f"samples/{i}", step, pixels)
+
+
+class PreemptionFlag:
+  """Set by SIGTERM; in multi-process runs every process agrees on it (any one saw it)."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+
+  def is_set(self):
+    flag = self._event.is_set()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+    return flag
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_json(path, value):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _write_png(path, image):
+  tmp = path + ".tmp.png"
+  image.save(tmp)
+  os.replace(tmp, path)
