@@ -89,6 +89,15 @@ class SanaPipeline:
       parts["transformer"] = SanaTransformer.from_pretrained(os.path.join(path, "transformer"), dtype=dtype)
     return parts
 
+  def save_pretrained(self, directory, dtype="float32", **kwargs):
+    """Writes the pipeline in diffusers' format (model_index.json + components), loadable by diffusers'
+    SanaPipeline and ours."""
+    from sana_jax.convert import export
+    export.save_pipeline(directory, transformer=nnx.merge(self._dit_graph, self._dit_state), vae=self.vae,
+                         text_encoder=self.text_encoder, tokenizer=self.tokenizer, flow_shift=self.flow_shift,
+                         scheduler=next(name for name, s in SCHEDULERS.items() if s == self.sampler), dtype=dtype,
+                         **kwargs)
+
   def set_transformer_params(self, state):
     """Swaps in new DiT weights of the same architecture (training's periodic samples)."""
     state = jax.device_put(state, self._replicated) if self.mesh is not None else state

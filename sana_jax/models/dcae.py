@@ -388,6 +388,11 @@ class DCAE(nnx.Module):
     from sana_jax.convert import diffusers_dcae
     return diffusers_dcae.load(path, dtype=dtype, param_dtype=param_dtype or dtype, mesh=mesh, rules=rules)
 
+  def save_pretrained(self, directory, dtype="float32", **kwargs):
+    """Writes a diffusers `AutoencoderDC` directory (config.json + safetensors in `dtype`)."""
+    from sana_jax.convert import export
+    export.save_pretrained(self, directory, dtype, **kwargs)
+
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _apply_method(graphdef, method, state, x):

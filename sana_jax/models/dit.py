@@ -363,6 +363,12 @@ class SanaTransformer(nnx.Module):
     return diffusers_dit.load(path, dtype=dtype, param_dtype=param_dtype or dtype,
                               attention_impl=attention_impl, mesh=mesh, rules=rules, **config_overrides)
 
+  def save_pretrained(self, directory, dtype="float32", **kwargs):
+    """Writes a diffusers `SanaTransformer2DModel` directory (config.json + safetensors in `dtype`).
+    linear_attention_eps, remat and scan_unroll have no diffusers field and are not saved."""
+    from sana_jax.convert import export
+    export.save_pretrained(self, directory, dtype, **kwargs)
+
 
 def pure_forward(model):
   """(apply, state): apply(state, x, timestep, text, mask, guidance=None) is a pure function of the

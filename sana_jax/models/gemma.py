@@ -220,6 +220,11 @@ class GemmaTextEncoder(nnx.Module):
     from sana_jax.convert import transformers_gemma
     return transformers_gemma.load(path, dtype=dtype, param_dtype=param_dtype or dtype, mesh=mesh, rules=rules)
 
+  def save_pretrained(self, directory, dtype="float32", **kwargs):
+    """Writes a transformers `Gemma2Model` directory (config.json + safetensors in `dtype`)."""
+    from sana_jax.convert import export
+    export.save_pretrained(self, directory, dtype, **kwargs)
+
 
 class GemmaPrefix(NamedTuple):
   """A shared prefix's outputs: hidden [1, P, D] and per-layer keys/values [layers, 1, P, KV, hd]."""
