@@ -122,7 +122,7 @@ def training(c, *, batch_size, total_steps, lr, warmup_steps, data, init_from=""
                      integer_timesteps=False, caption_dropout=0.1)
   c.optim = dict(name="came", lr=lr, lr_scaling=placeholder(str), base_batch=batch_size, warmup_steps=warmup_steps,
                  schedule="constant", b1=0.9, b2=0.999, b3=0.9999, eps=None, clip_threshold=1.0,
-                 weight_decay=0.0, clip_norm=0.1)
+                 weight_decay=0.0, clip_norm=0.1, end_lr_factor=0.0)
   c.data = data
   c.eval = dict(every=0, sigmas=(0.25, 0.5, 0.75), batches=2)
   c.sample = dict(every=0, model_dir="", prompts=("a photo of a cat",), steps=20, guidance_scale=4.5, seed=0)

@@ -123,6 +123,7 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 def test_non_finite_step_is_skipped_and_counted():
   cfg = tiny.get_config()
+  cfg.ema_decay = 0.9
   trainer = Trainer(cfg, parallel.make_mesh(data=1, devices=jax.devices()[:1]))
   state = trainer.init()
   before = jax.device_get(state.params)
@@ -132,8 +133,13 @@ def test_non_finite_step_is_skipped_and_counted():
   assert not bool(metrics["finite"]) and int(state.nonfinite) == 1 and int(state.skipped) == 1
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
     assert np.array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.ema))):
+    assert np.array_equal(a, b)  # the EMA starts at the weights and skips the bad step too
   state, metrics = trainer.step(state, trainer.put_batch(batch(cfg)), null_text(cfg))
   assert bool(metrics["finite"]) and int(state.nonfinite) == 0 and int(state.skipped) == 1 and int(state.step) == 2
+  params, ema = jax.device_get((state.params, state.ema))
+  for p, e, b in zip(jax.tree.leaves(params), jax.tree.leaves(ema), jax.tree.leaves(before)):
+    np.testing.assert_allclose(e, 0.9 * b + 0.1 * p, rtol=1e-5, atol=1e-7)
 
 
 @NEEDS_8

@@ -70,7 +70,7 @@ class Trainer:
   def _state_shardings(self):
     """Optimizer moments follow their parameter's sharding; factored CAME rows/columns keep it on
     the axes they keep; counters and placeholders are replicated."""
-    abstract = jax.eval_shape(lambda: self._new_state(self.abstract_params))
+    abstract = jax.eval_shape(self._new_state, self.abstract_params)
     flat_params = {tuple(p): (a.shape, s) for (p, a), s in zip(
         jax.tree_util.tree_flatten_with_path(self.abstract_params)[0], jax.tree.leaves(self.param_shardings))}
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
