@@ -35,6 +35,14 @@ def test_finetune_starts_from_the_checkpoint_and_writes_samples(pipelines, tmp_p
   loaded = jax.device_get(jax.tree.leaves(ours._dit_state))
   for a, b in zip(jax.tree.leaves(params), loaded):  # the same tree, in the same leaf order
     np.testing.assert_allclose(a, b, atol=1e-6)
+  # and the run exports back to a diffusers transformer directory holding exactly those weights
+  from flax import nnx
+  import sana_jax
+  from sana_jax.training.export_model import export_transformer
+  assert export_transformer(str(tmp_path), str(tmp_path / "export")) == 2
+  exported = sana_jax.SanaTransformer.from_pretrained(tmp_path / "export")
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.to_pure_dict(nnx.state(exported)))):
+    np.testing.assert_array_equal(a, b)
   pngs = sorted(os.listdir(tmp_path / "samples"))
   assert pngs == ["step0000002_0.png", "step0000002_1.png"]
   image = np.asarray(Image.open(tmp_path / "samples" / pngs[0]))
