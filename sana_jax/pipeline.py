@@ -20,7 +20,7 @@ from sana_jax.models.dcae import DCAE
 from sana_jax.models.dit import SanaTransformer
 from sana_jax.models.gemma import GemmaTextEncoder
 from sana_jax.sampling import SAMPLERS, denoise
-from sana_jax.text import PromptEncoder, load_tokenizer
+from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION, PromptEncoder, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 SCHEDULERS = {"DPMSolverMultistepScheduler": "flow_dpm", "FlowMatchEulerDiscreteScheduler": "flow_euler"}
@@ -45,12 +45,28 @@ def resolve_model(path_or_id):
     raise SanaError(f"cannot fetch model {path!r} from the hub: {str(e).splitlines()[0]}") from None
 
 
+def text_settings(path):
+  """Prompt-encoding settings a pipeline directory overrides (model_index.json "sana_jax": the shipped
+  demo model uses no complex human instruction and short captions); {} for official checkpoints."""
+  with open(os.path.join(path, "model_index.json")) as f:
+    extra = json.load(f).get("sana_jax", {})
+  unknown = sorted(set(extra) - {"max_sequence_length", "complex_human_instruction"})
+  if unknown:
+    raise SanaError(f"{path}: model_index.json has unknown sana_jax setting(s) {unknown}")
+  if "complex_human_instruction" in extra:
+    extra["complex_human_instruction"] = tuple(extra["complex_human_instruction"] or ())
+  return extra
+
+
 class SanaPipeline:
   def __init__(self, tokenizer, text_encoder, transformer, vae, *, sampler="flow_dpm", flow_shift=3.0,
-               max_sequence_length=300, tiled_decode_above=2048):
+               max_sequence_length=300, complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION, tiled_decode_above=2048):
     self.tokenizer, self.text_encoder, self.transformer, self.vae = tokenizer, text_encoder, transformer, vae
     self.sampler, self.flow_shift = sampler, flow_shift
-    self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, max_sequence_length=max_sequence_length)
+    self.text_settings = dict(max_sequence_length=max_sequence_length,
+                              complex_human_instruction=tuple(complex_human_instruction or ()))
+    self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, max_sequence_length=max_sequence_length,
+                                        complex_human_instruction=complex_human_instruction)
     self.vae_scale_factor = vae.config.spatial_compression
     self.tiled_decode_above = tiled_decode_above
     self._dit_graph, self._dit_state = nnx.split(transformer)
@@ -64,9 +80,9 @@ class SanaPipeline:
 
   @classmethod
   def from_pretrained(cls, path, dtype=jnp.float32, *, sampler=None, **kwargs):
-    components = cls.components_from_pretrained(path, dtype)
+    components = {**cls.components_from_pretrained(path, dtype), **kwargs}  # the caller's settings win
     default_sampler = components.pop("sampler")
-    return cls(**components, sampler=sampler or default_sampler, **kwargs)
+    return cls(**components, sampler=sampler or default_sampler)
 
   @staticmethod
   def components_from_pretrained(path, dtype=jnp.float32, *, transformer=True):
@@ -84,7 +100,8 @@ class SanaPipeline:
     parts = dict(tokenizer=load_tokenizer(os.path.join(path, "tokenizer")),
                  text_encoder=GemmaTextEncoder.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype),
                  vae=DCAE.from_pretrained(os.path.join(path, "vae"), dtype=dtype),
-                 sampler=SCHEDULERS[sched["_class_name"]], flow_shift=sched.get("flow_shift", sched.get("shift", 3.0)))
+                 sampler=SCHEDULERS[sched["_class_name"]], flow_shift=sched.get("flow_shift", sched.get("shift", 3.0)),
+                 **text_settings(path))
     if transformer:
       parts["transformer"] = SanaTransformer.from_pretrained(os.path.join(path, "transformer"), dtype=dtype)
     return parts
@@ -96,7 +113,11 @@ class SanaPipeline:
     export.save_pipeline(directory, transformer=nnx.merge(self._dit_graph, self._dit_state), vae=self.vae,
                          text_encoder=self.text_encoder, tokenizer=self.tokenizer, flow_shift=self.flow_shift,
                          scheduler=next(name for name, s in SCHEDULERS.items() if s == self.sampler), dtype=dtype,
-                         **kwargs)
+                         text_settings=self._non_default_text_settings(), **kwargs)
+
+  def _non_default_text_settings(self):
+    defaults = dict(max_sequence_length=300, complex_human_instruction=tuple(COMPLEX_HUMAN_INSTRUCTION))
+    return {k: v for k, v in self.text_settings.items() if v != defaults[k]}
 
   def set_transformer_params(self, state):
     """Swaps in new DiT weights of the same architecture (training's periodic samples)."""

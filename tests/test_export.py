@@ -299,3 +299,15 @@ def test_pipeline_save_pretrained_round_trips(tmp_path):
   again = sana_jax.SanaPipeline.from_pretrained(tmp_path / "out")
   assert again.sampler == ours.sampler and again.flow_shift == ours.flow_shift
   np.testing.assert_array_equal(np.asarray(again("a red fox", **kw).images), np.asarray(ours("a red fox", **kw).images))
+  with open(tmp_path / "out" / "model_index.json") as f:
+    assert "sana_jax" not in json.load(f)  # official settings: nothing extra written
+
+  # prompt settings of our own (the demo model: no CHI, short captions) travel with the directory
+  short = sana_jax.SanaPipeline.from_pretrained(tmp_path / "ref", max_sequence_length=8, complex_human_instruction=())
+  short.save_pretrained(tmp_path / "short")
+  loaded = sana_jax.SanaPipeline.from_pretrained(tmp_path / "short")
+  assert loaded.text_settings == dict(max_sequence_length=8, complex_human_instruction=())
+  y, mask, _, _ = loaded.encode_prompt("a red fox")
+  assert y.shape[1] == 8 and np.array_equal(y, short.encode_prompt("a red fox")[0])
+  assert not np.array_equal(y, ours.encode_prompt("a red fox")[0][:, :8])
+  assert isinstance(diffusers.SanaPipeline.from_pretrained(tmp_path / "short"), diffusers.SanaPipeline)

@@ -144,14 +144,16 @@ def load_encoders(model, *, dtype="float32", max_sequence_length=300, batch_size
 
   from sana_jax.models.dcae import DCAE
   from sana_jax.models.gemma import GemmaTextEncoder
-  from sana_jax.pipeline import DTYPES, resolve_model
+  from sana_jax.pipeline import DTYPES, resolve_model, text_settings
   from sana_jax.text import PromptEncoder, load_tokenizer
   path = resolve_model(model)
   dtype = DTYPES[dtype]
   vae = DCAE.from_pretrained(os.path.join(path, "vae"), dtype=dtype)
+  # the directory's own prompt settings (the demo model: no CHI, short captions), as SanaPipeline reads them
+  settings = text_settings(path) if os.path.exists(os.path.join(path, "model_index.json")) else {}
+  settings.setdefault("max_sequence_length", max_sequence_length)
   prompts = PromptEncoder(load_tokenizer(path), GemmaTextEncoder.from_pretrained(os.path.join(path, "text_encoder"),
-                                                                                 dtype=dtype),
-                          max_sequence_length=max_sequence_length)
+                                                                                 dtype=dtype), **settings)
   graphdef, state = nnx.split(vae)
   encode = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode(x))
 
