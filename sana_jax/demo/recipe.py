@@ -1,0 +1,153 @@
+"""The demo model's whole recipe, from nothing to a shipped diffusers-format pipeline:
+
+  python -m sana_jax.demo.recipe --work /tmp/shapes [--ship sana_jax/assets/sana-shapes]
+
+1. text: a word-level tokenizer and a tiny Gemma-2, pretrained as a causal LM on the captions
+2. vae: a tiny DC-AE (three downsamplings: 64 px -> 8x8 latents) trained on shapes images
+3. data: shapes images -> DC-AE latents + text embeddings (sana_jax.data.precompute), train/validation
+4. dit: train.py with configs/demo_shapes.py on those latents
+5. ship: the pipeline (DiT EMA weights) saved in diffusers' format, then the alignment evaluation
+
+Each stage writes WORK/<stage> and is skipped when that exists, so an interrupted recipe resumes.
+Wall times go to WORK/recipe.json. The demo encodes prompts without the complex human instruction
+and with at most 16 tokens (stored in the pipeline's model_index.json).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TEXT_SETTINGS = dict(max_sequence_length=16, complex_human_instruction=())
+FLOW_SHIFT = 1.0
+
+
+def stage_text(out, a):
+  from sana_jax.demo import text_encoder as te
+  captions = te.shapes_captions(a.captions, a.seed)
+  tokenizer = te.build_tokenizer(captions, os.path.join(out, "tokenizer"))
+  encoder = te.init_text_encoder(a.seed, len(tokenizer))
+  encoder, metrics = te.pretrain_lm(encoder, tokenizer, captions, a.lm_steps, chi=(), seed=a.seed)
+  encoder.save_pretrained(os.path.join(out, "text_encoder"))
+  return dict(vocab_size=len(tokenizer), lm_loss_before=metrics["loss_before"], lm_loss_after=metrics["loss_after"])
+
+
+def stage_vae(out, a):
+  from sana_jax.demo import train_dcae as td
+  train = td.shapes_images(a.vae_images, a.seed, "train")
+  held = td.shapes_images(256, a.seed, "validation")
+  model, scale, metrics = td.train_dcae(train, a.vae_steps, config=td.tiny_dcae_config(a.latent_channels),
+                                        seed=a.seed, eval_images=held)
+  model.save_pretrained(os.path.join(out, "vae"))
+  return dict(psnr_db=metrics["eval_psnr_db"], scaling_factor=scale)
+
+
+def stage_data(out, a, work):
+  from sana_jax.data import precompute
+  from sana_jax.demo import shapes
+  parts = os.path.join(work, "parts")
+  with open(os.path.join(parts, "model_index.json"), "w") as f:  # the prompt settings precompute reads
+    json.dump({"sana_jax": {k: list(v) if isinstance(v, tuple) else v for k, v in TEXT_SETTINGS.items()}}, f)
+  counts = {}
+  for split, n in (("train", a.images), ("validation", 512)):
+    folder = os.path.join(work, "images", split)
+    shapes.export_folder(folder, n, a.seed, split)
+    code = precompute.main(["--images", folder, "--model", parts, "--out", os.path.join(out, split),
+                            "--resolution", "64", "--square", "--batch-size", "64",
+                            "--max-sequence-length", str(TEXT_SETTINGS["max_sequence_length"])])
+    if code:
+      raise SystemExit(f"error: precompute failed for {split}")
+    counts[split] = n
+  return counts
+
+
+def stage_dit(out, a, work):
+  cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+         os.path.join(ROOT, f"configs/demo_shapes.py:latents={os.path.join(work, 'data')},steps={a.dit_steps},"
+                            f"channels={a.latent_channels},batch={a.batch},layers={a.layers}"),
+         "--workdir", out]
+  if subprocess.run(cmd, cwd=ROOT).returncode:
+    raise SystemExit("error: train.py failed (its message is above)")
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    last = [json.loads(line) for line in f][-1]
+  return dict(last_metrics=last)
+
+
+def stage_ship(out, a, work):
+  import sana_jax
+  from sana_jax.convert import export
+  from sana_jax.training.export_model import export_transformer
+  parts = os.path.join(work, "parts")
+  export_transformer(os.path.join(work, "dit"), os.path.join(parts, "transformer"))
+  export.save_pipeline(out, transformer=sana_jax.SanaTransformer.from_pretrained(os.path.join(parts, "transformer")),
+                       vae=sana_jax.DCAE.from_pretrained(os.path.join(parts, "vae")),
+                       text_encoder=sana_jax.GemmaTextEncoder.from_pretrained(os.path.join(parts, "text_encoder")),
+                       tokenizer=os.path.join(parts, "tokenizer"), flow_shift=FLOW_SHIFT, text_settings=TEXT_SETTINGS)
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+  return dict(megabytes=round(size / 1e6, 2))
+
+
+def stage_eval(out, a, work):
+  from sana_jax.demo import evaluate
+  code = evaluate.main(["--model", os.path.join(work, "ship"), "--n", str(a.eval_prompts), "--out", out,
+                        "--steps", "20", "--cfg", str(a.cfg), "--prompt-seed", "1234"])
+  if code:
+    raise SystemExit("error: evaluation failed")
+  with open(os.path.join(out, "report.json")) as f:
+    report = json.load(f)
+  return {k: v for k, v in report.items() if not isinstance(v, list)}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--work", required=True)
+  p.add_argument("--ship", default=None, help="also copy the finished pipeline here (e.g. sana_jax/assets/sana-shapes)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--captions", type=int, default=8192)
+  p.add_argument("--lm-steps", type=int, default=300)
+  p.add_argument("--vae-steps", type=int, default=2500)
+  p.add_argument("--vae-images", type=int, default=8192)
+  p.add_argument("--latent-channels", type=int, default=16)
+  p.add_argument("--images", type=int, default=20000)
+  p.add_argument("--dit-steps", type=int, default=3000)
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--layers", type=int, default=6)
+  p.add_argument("--cfg", type=float, default=4.5)
+  p.add_argument("--eval-prompts", type=int, default=200)
+  a = p.parse_args(argv)
+  os.makedirs(a.work, exist_ok=True)
+  log_path = os.path.join(a.work, "recipe.json")
+  log = json.load(open(log_path)) if os.path.exists(log_path) else {}
+  stages = [("parts/tokenizer", lambda o: stage_text(os.path.join(a.work, "parts"), a)),
+            ("parts/vae", lambda o: stage_vae(os.path.join(a.work, "parts"), a)),
+            ("data", lambda o: stage_data(o, a, a.work)),
+            ("dit", lambda o: stage_dit(o, a, a.work)),
+            ("ship", lambda o: stage_ship(o, a, a.work)),
+            ("eval", lambda o: stage_eval(o, a, a.work))]
+  for name, run in stages:
+    out = os.path.join(a.work, name)
+    if name in log and os.path.exists(out):
+      print(f"[recipe] {name}: done before, skipped", flush=True)
+      continue
+    print(f"[recipe] {name} ...", flush=True)
+    start = time.time()
+    result = run(out)
+    log[name] = dict(result, seconds=round(time.time() - start, 1))
+    with open(log_path, "w") as f:
+      json.dump(log, f, indent=1)
+    print(f"[recipe] {name}: {log[name]}", flush=True)
+  log["total_seconds"] = round(sum(v["seconds"] for v in log.values() if isinstance(v, dict)), 1)
+  with open(log_path, "w") as f:
+    json.dump(log, f, indent=1)
+  if a.ship:
+    import shutil
+    shutil.rmtree(a.ship, ignore_errors=True)
+    shutil.copytree(os.path.join(a.work, "ship"), a.ship)
+  print(f"[recipe] done in {log['total_seconds'] / 60:.1f} min: {log_path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
