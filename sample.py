@@ -28,7 +28,7 @@ def parse_args(argv):
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   p.add_argument("--prompt-file", help="a text file with one prompt per line")
   p.add_argument("--negative-prompt", default="")
-  p.add_argument("--model", help="a diffusers-format Sana directory or a hub id")
+  p.add_argument("--model", help="a diffusers-format Sana directory or a hub id (default: the shipped demo model)")
   p.add_argument("--height", type=int)
   p.add_argument("--width", type=int)
   p.add_argument("--aspect", help="W:H, e.g. 16:9, at the model's native area (instead of --height/--width)")
@@ -111,11 +111,23 @@ def save_png(image, path, meta):
   os.replace(tmp, path)
 
 
+def demo_model():
+  """The shipped shapes model (sana_jax/assets/sana-shapes), found without importing JAX; None if absent."""
+  import importlib.util
+  spec = importlib.util.find_spec("sana_jax")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = os.path.join(list(spec.submodule_search_locations)[0], "assets", "sana-shapes")
+  return path if os.path.exists(os.path.join(path, "model_index.json")) else None
+
+
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   prompts = gather_prompts(args)
   if not args.model:
-    raise UserError("no --model given, and no demo model ships with sana-jax yet")
+    args.model = demo_model()
+    if args.model is None:
+      raise UserError("no --model given, and this install has no demo model (sana_jax/assets/sana-shapes)")
   from sana_jax.errors import SanaError
   from sana_jax.pipeline import resolve_model
   try:
