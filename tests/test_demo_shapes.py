@@ -35,7 +35,7 @@ def test_colours_exact_and_objects_apart():
   allowed = {tuple(v) for v in shapes.PALETTE.values()} | {shapes.BACKGROUND}
   for image, _, objects in examples(300):
     assert {tuple(p) for p in image.reshape(-1, 3)} <= allowed  # flat colours, no anti-aliasing
-    assert 1 <= len(objects) <= 3
+    assert len(ev.detect(image)) == len(objects)  # every object drawn, none merged with another
     for o in objects:
       x0, y0, x1, y1 = o["bbox"]
       lo, hi = shapes.SIZE_RANGES[o["size"]]

@@ -214,8 +214,14 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
+  assert "SIGTERM" in out
   saved = int(os.listdir(tmp_path / "checkpoints")[0])
-  assert 1 <= saved < 200 and "SIGTERM" in out
+  assert saved < 200  # stopped early, at the step it was on
+  assert max(train_losses(tmp_path)) == saved
+  # the next start resumes from that checkpoint and goes on to the end
+  resumed = ["--config.total_steps=" + str(saved + 2)] + steps[1:]
+  subprocess.run(train_cmd(tmp_path, *resumed), check=True, capture_output=True, cwd=ROOT)
+  assert sorted(train_losses(tmp_path)) == list(range(1, saved + 3))
 
 
 def free_port():
