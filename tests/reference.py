@@ -39,3 +39,33 @@ def byte_bpe_tokenizer(texts, vocab_size):
   tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
   return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                               pad_token="<pad>")
+
+
+def save_tiny_sana_pipeline(root, tokenizer, **vae_options):
+  """A tiny random diffusers SanaPipeline (Gemma-2, DiT and 4x DC-AE shifted off init; 8-channel latents,
+  text width 32), saved to `root` in the official format. Returns the diffusers pipeline."""
+  import diffusers
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  gemma = transformers.Gemma2Model(transformers.Gemma2Config(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+      num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=64, max_position_embeddings=1024,
+      pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager")).eval()
+  dit = diffusers.SanaTransformer2DModel(
+      in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, num_layers=2,
+      num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=64, caption_channels=32,
+      sample_size=8).eval()
+  vae = diffusers.AutoencoderDC(
+      in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types="ResBlock",
+      decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16, 16),
+      decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+      encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), (5,)), scaling_factor=0.6,
+      **vae_options).eval()
+  for i, m in enumerate((gemma, dit, vae)):
+    shift_off_init(m, seed=i, scale=0.05)
+  scheduler = diffusers.DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
+                                                    prediction_type="flow_prediction")
+  ref = diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=gemma, transformer=dit, vae=vae, scheduler=scheduler)
+  ref.save_pretrained(root)
+  return ref

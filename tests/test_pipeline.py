@@ -4,10 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import sana_jax
-from reference import byte_bpe_tokenizer, rel_err, shift_off_init
+from reference import byte_bpe_tokenizer, rel_err, save_tiny_sana_pipeline
 from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION
 
 HEIGHT, WIDTH = 32, 64  # non-square (diffusers wants multiples of 32); 4x DC-AE -> 8 x 16 latents
@@ -20,27 +19,8 @@ def tiny_tokenizer():
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipe")
-  torch.manual_seed(0)
-  tok = tiny_tokenizer()
-  gemma = transformers.Gemma2Model(transformers.Gemma2Config(
-      vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-      num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=64, max_position_embeddings=1024,
-      pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager")).eval()
-  dit = diffusers.SanaTransformer2DModel(
-      in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, num_layers=2,
-      num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=64, caption_channels=32,
-      sample_size=8).eval()
-  vae = diffusers.AutoencoderDC(
-      in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types="ResBlock",
-      decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16, 16),
-      decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-      encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), (5,)),
-      downsample_block_type="conv", upsample_block_type="interpolate", scaling_factor=0.6).eval()
-  for i, m in enumerate((gemma, dit, vae)):
-    shift_off_init(m, seed=i, scale=0.05)
-  scheduler = diffusers.DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
-  ref = diffusers.SanaPipeline(tokenizer=tok, text_encoder=gemma, transformer=dit, vae=vae, scheduler=scheduler)
-  ref.save_pretrained(root)
+  ref = save_tiny_sana_pipeline(root, tiny_tokenizer(), downsample_block_type="conv",
+                                upsample_block_type="interpolate")
   return ref, sana_jax.SanaPipeline.from_pretrained(root), root
 
 
