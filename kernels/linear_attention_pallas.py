@@ -57,11 +57,15 @@ def _next_pow2(x):
   return 1 << max(0, x - 1).bit_length()
 
 
+def _platform(platform):
+  platform = platform or jax.default_backend()
+  return {"cuda": "gpu", "rocm": "gpu", "cpu": "tpu"}.get(platform, platform)
+
+
 def make_plan(shape, eps=1e-15, block=None, interpret=False, platform=None):
   """Block shapes for q/k/v of `shape` [B, N, H, D] on `platform` (default: the default backend)."""
   _, n, h, d = shape
-  platform = platform or jax.default_backend()
-  platform = {"cuda": "gpu", "rocm": "gpu", "cpu": "tpu"}.get(platform, platform)
+  platform = _platform(platform)
   if platform not in ("tpu", "gpu"):
     raise ValueError(f"no Pallas linear-attention plan for platform {platform!r}")
   if platform == "gpu":  # Triton: power-of-two tiles of at least 16 a side
@@ -260,4 +264,7 @@ def linear_attention_pallas(q, k, v, eps=1e-15, block=None, interpret=False, pla
   Gradients come back in the input dtypes. `platform` ("tpu" | "gpu") overrides the default
   backend's block rules, e.g. to check the GPU plan in interpret mode or to lower for another
   platform with jax.export."""
+  if _platform(platform) == "gpu":
+    from sana_jax.kernels.linear_attention_gpu import linear_attention_gpu
+    return linear_attention_gpu(q, k, v, eps, block=block, interpret=bool(interpret))
   return _attention(q, k, v, make_plan(q.shape, eps, block, interpret, platform))
