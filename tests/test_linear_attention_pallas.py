@@ -12,6 +12,7 @@ from jax.experimental.pallas import tpu as pltpu
 import sana_jax
 from reference import rel_err
 from sana_jax.kernels import linear_attention, linear_attention_reference
+from sana_jax.kernels.linear_attention_gpu import linear_attention_gpu, make_gpu_plan
 from sana_jax.kernels.linear_attention_pallas import linear_attention_pallas
 
 # the module: the package re-exports its function under the same name
@@ -58,11 +59,33 @@ def test_forward_and_gradients_match_reference(n, heads, block, dtype, tol_fwd, 
                            tol_fwd, tol_grad)
 
 
-def test_gpu_plan_in_interpret_mode():
-  """The GPU plan: power-of-two blocks of one head, per-block partial sums added by XLA."""
-  q, k, v = qkv((2, 70, 6, 32), jnp.float32, seed=1)
-  assert_matches_reference(lambda q, k, v: linear_attention_pallas(q, k, v, 1e-15, 32, True, "gpu"), q, k, v,
-                           1e-5, 1e-4)
+# The GPU kernels (Triton lowering) in interpret mode: masked tiles at ragged ends, reductions over
+# several chunks (chunk 3) and several blocks per chunk, one or many heads. Forward errors stay at
+# float32 rounding for bf16 inputs too (float32 operands are split into bf16 halves, not rounded);
+# bf16 gradients carry their own rounding.
+@pytest.mark.parametrize("shape,block,chunk", [((2, 70, 6, 32), 32, None), ((1, 200, 2, 16), 16, 3),
+                                               ((2, 17, 1, 32), 16, None)])
+@pytest.mark.parametrize("dtype,tol_fwd,tol_grad", [(jnp.float32, 1e-5, 1e-4), (jnp.bfloat16, 1e-5, 3e-3)])
+def test_gpu_kernels_in_interpret_mode(shape, block, chunk, dtype, tol_fwd, tol_grad):
+  q, k, v = qkv(shape, dtype, seed=1)
+  f = lambda q, k, v: linear_attention_gpu(q, k, v, 1e-15, block=block, chunk_blocks=chunk, interpret=True)
+  assert_matches_reference(f, q, k, v, tol_fwd, tol_grad)
+
+
+def test_gpu_platform_dispatches_to_the_gpu_kernels():
+  q = jax.ShapeDtypeStruct((1, 40, 4, 32), jnp.bfloat16)
+  f = lambda q, k, v: linear_attention_pallas(q, k, v, 1e-15, 16, True, "gpu")
+  jaxpr = jax.make_jaxpr(lambda q, k, v, g: jax.vjp(f, q, k, v)[1](g))(q, q, q, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+  calls = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+  assert len(calls) == 4 and all("linear_attention_gpu.py" in e.params["jaxpr"].debug_info.func_src_info for e in calls)
+
+
+def test_gpu_plan_fills_the_device():
+  plan = make_gpu_plan((2, 16384, 36, 32))
+  assert plan.chunks * 2 * 36 >= 512 and plan.chunks * plan.chunk_blocks * plan.block >= 16384
+  assert make_gpu_plan((1, 17, 1, 32)).block == 32  # short sequences: the smallest power of two that holds them
+  with pytest.raises(ValueError, match="head dim 24"):
+    make_gpu_plan((1, 64, 2, 24))
 
 
 def test_tpu_interpret_mode():

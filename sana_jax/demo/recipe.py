@@ -116,6 +116,7 @@ def main(argv=None):
   p.add_argument("--layers", type=int, default=6)
   p.add_argument("--cfg", type=float, default=4.5)
   p.add_argument("--eval-prompts", type=int, default=200)
+  p.add_argument("--stop-after", default=None, help="the last stage to run (e.g. data, to train elsewhere)")
   a = p.parse_args(argv)
   os.makedirs(a.work, exist_ok=True)
   log_path = os.path.join(a.work, "recipe.json")
@@ -138,7 +139,9 @@ def main(argv=None):
     with open(log_path, "w") as f:
       json.dump(log, f, indent=1)
     print(f"[recipe] {name}: {log[name]}", flush=True)
-  log["total_seconds"] = round(sum(v["seconds"] for v in log.values() if isinstance(v, dict)), 1)
+    if name == a.stop_after:
+      break
+  log["total_seconds"] = round(sum(v.get("seconds", 0) for v in log.values() if isinstance(v, dict)), 1)
   with open(log_path, "w") as f:
     json.dump(log, f, indent=1)
   if a.ship:
