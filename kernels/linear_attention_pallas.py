@@ -12,15 +12,13 @@ the lane dimension and no batched dot in a kernel. Tiles at the ragged ends (the
 block, the last lane block when H * D is not a multiple of `lanes`) read undefined values past
 the array; they are zeroed in-kernel, and writes past the end are dropped by Pallas.
 
-Backends (a plan picks the block shapes and how reductions run):
+Backends:
   tpu: lanes a multiple of 128 (or all of H * D), tokens a multiple of 8 (or all of N);
        reductions accumulate across the last ("arbitrary") grid axis.
-  gpu: Triton lowering (power-of-two blocks, one head each); grid programs run concurrently, so
-       each sequence block writes its own partial sum and XLA adds them. The default Pallas GPU
-       lowering of JAX 0.10 (Mosaic GPU) has no rule for dot_general in these kernels, hence
-       Triton is named explicitly. Neither GPU nor TPU block sizes are tuned on a device yet.
+  gpu: linear_attention_gpu.py (Triton lowering: masked tiles, one head per program, chunked
+       reductions); `linear_attention_pallas` hands GPU inputs to it.
   CPU: interpret mode only (interpret=True or pltpu.InterpretParams()), with the tpu plan unless
-       platform="gpu" asks for the other.
+       platform="gpu" asks for the GPU kernels.
 """
 import dataclasses
 import functools
@@ -43,8 +41,6 @@ class Plan:
   d: int             # head dim
   lanes: int         # channels per block: whole heads
   block: int         # tokens per block
-  accumulate: bool   # reduce across the sequential grid axis (tpu) or write per-block partials (gpu)
-  platform: str      # "tpu" | "gpu": block rules and compiler parameters
   eps: float
   interpret: Any     # False, True, or a pltpu.InterpretParams
 
@@ -53,42 +49,26 @@ class Plan:
     return (pl.cdiv(self.hd, self.lanes), pl.cdiv(self.n, self.block))
 
 
-def _next_pow2(x):
-  return 1 << max(0, x - 1).bit_length()
-
-
 def _platform(platform):
   platform = platform or jax.default_backend()
   return {"cuda": "gpu", "rocm": "gpu", "cpu": "tpu"}.get(platform, platform)
 
 
-def make_plan(shape, eps=1e-15, block=None, interpret=False, platform=None):
-  """Block shapes for q/k/v of `shape` [B, N, H, D] on `platform` (default: the default backend)."""
+def make_plan(shape, eps=1e-15, block=None, interpret=False):
+  """TPU block shapes for q/k/v of `shape` [B, N, H, D]: tiles are (8, 128), so lanes are a
+  multiple of 128 (or every channel in one block) and tokens a multiple of 8 (or all of them)."""
   _, n, h, d = shape
-  platform = _platform(platform)
-  if platform not in ("tpu", "gpu"):
-    raise ValueError(f"no Pallas linear-attention plan for platform {platform!r}")
-  if platform == "gpu":  # Triton: power-of-two tiles of at least 16 a side
-    if d & (d - 1) or not 16 <= d <= 128:
-      raise ValueError(f"head dim {d}: the GPU kernel needs a power of two in [16, 128]")
-    lanes = d  # one head per block: full-precision float32 matmuls run on CUDA cores, where
-    # packed heads' masked cross-head products would be pure extra work
-    block = min(block or 64, max(16, _next_pow2(n)))
-    if block & (block - 1) or block < 16:
-      raise ValueError(f"block {block}: the GPU kernel needs a power of two >= 16")
-  else:  # TPU tiles are (8, 128): lanes a multiple of 128, or every channel in one block
-    if h * d <= 128:
-      lanes = h * d
-    elif 128 % d == 0 or d % 128 == 0:
-      lanes = max(128, d)
-    else:
-      raise ValueError(f"head dim {d}: the TPU kernel needs it to divide or be a multiple of 128")
-    block = block or 512
-    block = n if n <= block else block  # the whole sequence: a full dim is always a legal block
-    if block % 8 and block != n:
-      raise ValueError(f"block {block}: the TPU kernel needs a multiple of 8")
-  return Plan(n=n, hd=h * d, d=d, lanes=lanes, block=block, accumulate=platform == "tpu",
-              platform=platform, eps=eps, interpret=interpret)
+  if h * d <= 128:
+    lanes = h * d
+  elif 128 % d == 0 or d % 128 == 0:
+    lanes = max(128, d)
+  else:
+    raise ValueError(f"head dim {d}: the TPU kernel needs it to divide or be a multiple of 128")
+  block = block or 512
+  block = n if n <= block else block  # the whole sequence: a full dim is always a legal block
+  if block % 8 and block != n:
+    raise ValueError(f"block {block}: the TPU kernel needs a multiple of 8")
+  return Plan(n=n, hd=h * d, d=d, lanes=lanes, block=block, eps=eps, interpret=interpret)
 
 
 # ---- in-kernel helpers: every tile is [tokens, lanes] or [lanes, lanes] ----
@@ -134,12 +114,8 @@ def _cotangents(q, g, kv, ksum, mask, eps):
   return d_num, d_den
 
 
-def _store_sum(ref, x, plan):
-  """Adds x into a reduction output: across grid steps (tpu) or as this block's partial (gpu)."""
-  if not plan.accumulate:
-    ref[...] = x
-    return
-
+def _store_sum(ref, x):
+  """Adds x into a reduction output across the sequential grid axis."""
   @pl.when(pl.program_id(2) == 0)
   def _init():
     ref[...] = jnp.zeros(ref.shape, F32)
@@ -151,8 +127,8 @@ def _store_sum(ref, x, plan):
 
 def _fwd_reduce_kernel(k_ref, v_ref, mask_ref, kv_ref, ksum_ref, *, plan):
   k, v = _load(k_ref, plan), _load(v_ref, plan)
-  _store_sum(kv_ref, _dot(k, v, (0, 0)) * mask_ref[...], plan)  # same-head pairs only
-  _store_sum(ksum_ref, jnp.sum(k.astype(F32), axis=0, keepdims=True), plan)
+  _store_sum(kv_ref, _dot(k, v, (0, 0)) * mask_ref[...])  # same-head pairs only
+  _store_sum(ksum_ref, jnp.sum(k.astype(F32), axis=0, keepdims=True))
 
 
 def _fwd_apply_kernel(q_ref, kv_ref, ksum_ref, mask_ref, o_ref, *, plan):
@@ -163,8 +139,8 @@ def _fwd_apply_kernel(q_ref, kv_ref, ksum_ref, mask_ref, o_ref, *, plan):
 def _bwd_reduce_kernel(q_ref, g_ref, kv_ref, ksum_ref, mask_ref, dkv_ref, dksum_ref, *, plan):
   q, g, mask = _load(q_ref, plan), _load(g_ref, plan), mask_ref[...]
   d_num, d_den = _cotangents(q, g, kv_ref[...], ksum_ref[...], mask, plan.eps)
-  _store_sum(dkv_ref, _dot(q, d_num, (0, 0)) * mask, plan)
-  _store_sum(dksum_ref, jnp.sum(d_den * q.astype(F32), axis=0, keepdims=True), plan)
+  _store_sum(dkv_ref, _dot(q, d_num, (0, 0)) * mask)
+  _store_sum(dksum_ref, jnp.sum(d_den * q.astype(F32), axis=0, keepdims=True))
 
 
 def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, kv_ref, ksum_ref, dkv_ref, dksum_ref, mask_ref,
@@ -179,20 +155,13 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, kv_ref, ksum_ref, dkv_ref, dks
 
 # ---- pallas_call plumbing ----
 
-def _compiler_params(plan, semantics):
-  if plan.platform == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.CompilerParams(dimension_semantics=semantics)
-  from jax.experimental.pallas import triton as pltriton
-  return pltriton.CompilerParams()
-
-
 def _call(kernel, plan, batch, in_specs, out_specs, out_shape, reduce):
-  semantics = ("parallel", "parallel", "arbitrary" if reduce and plan.accumulate else "parallel")
+  from jax.experimental.pallas import tpu as pltpu
+  semantics = ("parallel", "parallel", "arbitrary" if reduce else "parallel")
   return pl.pallas_call(
       functools.partial(kernel, plan=plan), grid=(batch, *plan.grid), in_specs=in_specs,
       out_specs=out_specs, out_shape=out_shape, interpret=plan.interpret,
-      compiler_params=_compiler_params(plan, semantics))
+      compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
 
 
 def _specs(plan):
@@ -202,10 +171,7 @@ def _specs(plan):
   kv = pl.BlockSpec((None, None, lanes, lanes), lambda b, g, s: (b, g, 0, 0))
   ksum = pl.BlockSpec((None, None, 1, lanes), lambda b, g, s: (b, g, 0, 0))
   mask = pl.BlockSpec((lanes, lanes), lambda b, g, s: (0, 0))
-  part = (lambda b, g, s: (b, g, 0, 0, 0)) if plan.accumulate else (lambda b, g, s: (b, g, s, 0, 0))
-  kv_part = pl.BlockSpec((None, None, None, lanes, lanes), part)
-  ksum_part = pl.BlockSpec((None, None, None, 1, lanes), part)
-  return seq, kv, ksum, mask, kv_part, ksum_part
+  return seq, kv, ksum, mask
 
 
 def _head_mask(plan):
@@ -216,19 +182,17 @@ def _head_mask(plan):
 
 def _reduce(plan, kernel, inputs, in_specs, batch):
   """A sequence reduction into ([B, G, lanes, lanes], [B, G, 1, lanes]) float32 sums."""
-  *_, kv_part, ksum_part = _specs(plan)
-  parts = 1 if plan.accumulate else plan.grid[1]
+  _, kv, ksum, _ = _specs(plan)
   g = plan.grid[0]
-  kv, ksum = _call(kernel, plan, batch, in_specs, [kv_part, ksum_part],
-                   [jax.ShapeDtypeStruct((batch, g, parts, plan.lanes, plan.lanes), F32),
-                    jax.ShapeDtypeStruct((batch, g, parts, 1, plan.lanes), F32)], reduce=True)(*inputs)
-  return kv.sum(axis=2), ksum.sum(axis=2)
+  return _call(kernel, plan, batch, in_specs, [kv, ksum],
+               [jax.ShapeDtypeStruct((batch, g, plan.lanes, plan.lanes), F32),
+                jax.ShapeDtypeStruct((batch, g, 1, plan.lanes), F32)], reduce=True)(*inputs)
 
 
 def _forward(q, k, v, plan):
   b, n, h, d = q.shape
   flat = lambda x: x.reshape(b, n, h * d)
-  seq, kv_spec, ksum_spec, mask_spec, *_ = _specs(plan)
+  seq, kv_spec, ksum_spec, mask_spec = _specs(plan)
   mask = _head_mask(plan)
   kv, ksum = _reduce(plan, _fwd_reduce_kernel, (flat(k), flat(v), mask), [seq, seq, mask_spec], b)
   out = _call(_fwd_apply_kernel, plan, b, [seq, kv_spec, ksum_spec, mask_spec], seq,
@@ -240,7 +204,7 @@ def _backward(plan, res, g):
   q, k, v, kv, ksum = res
   b, n, h, d = q.shape
   flat = lambda x: x.reshape(b, n, h * d)
-  seq, kv_spec, ksum_spec, mask_spec, *_ = _specs(plan)
+  seq, kv_spec, ksum_spec, mask_spec = _specs(plan)
   mask, qf, gf = _head_mask(plan), flat(q), flat(g.astype(F32))
   d_kv, d_ksum = _reduce(plan, _bwd_reduce_kernel, (qf, gf, kv, ksum, mask),
                          [seq, seq, kv_spec, ksum_spec, mask_spec], b)
@@ -261,10 +225,12 @@ _attention.defvjp(_forward, _backward)
 
 def linear_attention_pallas(q, k, v, eps=1e-15, block=None, interpret=False, platform=None):
   """q, k, v [B, N, H, D] (ReLU'd q, k) -> [B, N, H, D] float32; same maths as the XLA reference.
-  Gradients come back in the input dtypes. `platform` ("tpu" | "gpu") overrides the default
-  backend's block rules, e.g. to check the GPU plan in interpret mode or to lower for another
-  platform with jax.export."""
+  Gradients come back in the input dtypes. `platform` ("tpu" | "gpu") picks the kernels instead of
+  the default backend (where CPU means the TPU kernels, interpreted), e.g. to interpret the GPU
+  kernels or to lower for another platform with jax.export."""
   if _platform(platform) == "gpu":
     from sana_jax.kernels.linear_attention_gpu import linear_attention_gpu
     return linear_attention_gpu(q, k, v, eps, block=block, interpret=bool(interpret))
-  return _attention(q, k, v, make_plan(q.shape, eps, block, interpret, platform))
+  if _platform(platform) != "tpu":
+    raise ValueError(f"no Pallas linear-attention kernels for platform {platform or jax.default_backend()!r}")
+  return _attention(q, k, v, make_plan(q.shape, eps, block, interpret))

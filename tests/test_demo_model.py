@@ -50,3 +50,22 @@ def test_diffusers_loads_the_demo_model_and_agrees():
                  latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())).images
   ref = ref.numpy().transpose(0, 2, 3, 1)
   assert np.abs(mine - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+@pytest.mark.slow
+def test_recipe_runs_stage_by_stage_and_resumes(tmp_path):
+  """The recipe's first three stages at toy sizes: each writes its output and its wall time, --stop-after
+  ends the run there, and a second run skips what is done."""
+  from sana_jax.demo import recipe
+  args = ["--work", str(tmp_path), "--captions", "64", "--lm-steps", "3", "--vae-steps", "3", "--vae-images", "32",
+          "--images", "24", "--stop-after", "data"]
+  assert recipe.main(args) == 0
+  log = json.loads((tmp_path / "recipe.json").read_text())
+  assert list(log) == ["parts/tokenizer", "parts/vae", "data", "total_seconds"]
+  assert log["data"]["train"] == 24 and all(log[k]["seconds"] >= 0 for k in ("parts/tokenizer", "parts/vae", "data"))
+  assert (tmp_path / "parts" / "vae" / "config.json").exists() and not (tmp_path / "dit").exists()
+  for split in ("train", "validation"):
+    assert any(f.endswith(".array_record") for f in os.listdir(tmp_path / "data" / split))
+  mtime = (tmp_path / "parts" / "vae" / "config.json").stat().st_mtime
+  assert recipe.main(args) == 0  # everything done before: skipped, nothing rewritten
+  assert (tmp_path / "parts" / "vae" / "config.json").stat().st_mtime == mtime

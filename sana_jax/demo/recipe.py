@@ -116,7 +116,8 @@ def main(argv=None):
   p.add_argument("--layers", type=int, default=6)
   p.add_argument("--cfg", type=float, default=4.5)
   p.add_argument("--eval-prompts", type=int, default=200)
-  p.add_argument("--stop-after", default=None, help="the last stage to run (e.g. data, to train elsewhere)")
+  p.add_argument("--stop-after", default=None, choices=("parts/tokenizer", "parts/vae", "data", "dit", "ship", "eval"),
+                 help="the last stage to run (e.g. data, to train elsewhere)")
   a = p.parse_args(argv)
   os.makedirs(a.work, exist_ok=True)
   log_path = os.path.join(a.work, "recipe.json")
@@ -131,14 +132,14 @@ def main(argv=None):
     out = os.path.join(a.work, name)
     if name in log and os.path.exists(out):
       print(f"[recipe] {name}: done before, skipped", flush=True)
-      continue
-    print(f"[recipe] {name} ...", flush=True)
-    start = time.time()
-    result = run(out)
-    log[name] = dict(result, seconds=round(time.time() - start, 1))
-    with open(log_path, "w") as f:
-      json.dump(log, f, indent=1)
-    print(f"[recipe] {name}: {log[name]}", flush=True)
+    else:
+      print(f"[recipe] {name} ...", flush=True)
+      start = time.time()
+      result = run(out)
+      log[name] = dict(result, seconds=round(time.time() - start, 1))
+      with open(log_path, "w") as f:
+        json.dump(log, f, indent=1)
+      print(f"[recipe] {name}: {log[name]}", flush=True)
     if name == a.stop_after:
       break
   log["total_seconds"] = round(sum(v.get("seconds", 0) for v in log.values() if isinstance(v, dict)), 1)
