@@ -23,7 +23,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import commit, emit, time_alternating  # noqa: E402
 from sana_jax.kernels import linear_attention_reference  # noqa: E402
-from sana_jax.kernels.linear_attention import choose_implementation  # noqa: E402
+from sana_jax.kernels.linear_attention import choose_implementation, timed_calls  # noqa: E402
 from sana_jax.kernels.linear_attention_pallas import linear_attention_pallas  # noqa: E402
 from sana_jax.kernels.linear_attention_gpu import linear_attention_gpu, make_gpu_plan  # noqa: E402
 
@@ -40,17 +40,7 @@ def inputs(heads, tokens, dtype=jnp.bfloat16, seed=0):
 
 def timed(attend, q, k, v):
   """(forward, forward+backward) callables running INNER calls each."""
-  fwd = jax.jit(attend)
-  # value_and_grad: with grad alone the forward output is dead code and skipped
-  grad = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v)), (0, 1, 2)))
-
-  def run(f):
-    def go():
-      for _ in range(INNER):
-        out = f(q, k, v)
-      jax.block_until_ready(out)
-    return go
-  return run(fwd), run(grad)
+  return timed_calls(attend, q, k, v, INNER)
 
 
 def rel(a, b):

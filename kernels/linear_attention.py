@@ -130,17 +130,23 @@ def _candidates(impl, eps, q, k, v):
     attend = lambda q, k, v: linear_attention_pallas(q, k, v, eps)  # compiled, never interpreted
   else:
     attend = lambda q, k, v: linear_attention_reference(q, k, v, eps)
+  return timed_calls(attend, q, k, v, QUEUED)
+
+
+def timed_calls(attend, q, k, v, queued):
+  """(forward, forward+backward) thunks that each run `queued` calls, then block: several calls in
+  flight overlap host dispatch with device work, as inside a model."""
   fwd = jax.jit(attend)
   # value_and_grad, as training uses it: with grad alone the forward output is dead code
   fwd_bwd = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v)), (0, 1, 2)))
 
-  def queued(f):  # several calls in flight: host dispatch overlaps device work, as inside a model
+  def thunk(f):
     def run():
-      for _ in range(QUEUED):
+      for _ in range(queued):
         out = f(q, k, v)
       jax.block_until_ready(out)
     return run
-  return queued(fwd), queued(fwd_bwd)
+  return thunk(fwd), thunk(fwd_bwd)
 
 
 def _time_alternating(fns, repeats):
