@@ -1,5 +1,20 @@
 """The one exception type for user errors: the CLIs turn it into a one-line message and exit status 2."""
+import functools
+import sys
 
 
 class SanaError(Exception):
   """Bad input or a bad checkpoint: something the user can fix, not a bug."""
+
+
+def cli_main(main):
+  """Wraps a command-line main(argv) -> exit status: a SanaError becomes `error: MESSAGE` on stderr
+  and status 2, never a traceback."""
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except SanaError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+  return wrapped

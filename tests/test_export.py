@@ -55,30 +55,29 @@ DIT_CASES = {
 }
 
 
+def assert_round_trip(tmp_path, ref, ours_cls, ref_cls):
+  """Ours loads the reference directory tmp_path/ref and saves it to tmp_path/out; the reference
+  library loads that back with the same weights and config, and so do we."""
+  ours = ours_cls.from_pretrained(tmp_path / "ref")
+  ours.save_pretrained(tmp_path / "out")
+  back = ref_cls.from_pretrained(tmp_path / "out")
+  assert_same_state_dict(back.state_dict(), ref.state_dict())
+  assert public(back.config) == public(ref.config)
+  again = ours_cls.from_pretrained(tmp_path / "out")
+  assert again.config == ours.config
+  assert_same_params(again, ours)
+
+
 @pytest.mark.parametrize("case", sorted(DIT_CASES))
 def test_transformer_export_loads_back_exactly(tmp_path, case):
   ref = make_dit(tmp_path / "ref", **DIT_CASES[case])
-  ours = sana_jax.SanaTransformer.from_pretrained(tmp_path / "ref")
-  ours.save_pretrained(tmp_path / "out")
-  back = diffusers.SanaTransformer2DModel.from_pretrained(tmp_path / "out")
-  assert_same_state_dict(back.state_dict(), ref.state_dict())
-  assert public(back.config) == public(ref.config)
-  again = sana_jax.SanaTransformer.from_pretrained(tmp_path / "out")
-  assert again.config == ours.config
-  assert_same_params(again, ours)
+  assert_round_trip(tmp_path, ref, sana_jax.SanaTransformer, diffusers.SanaTransformer2DModel)
 
 
 @pytest.mark.parametrize("name", sorted(DCAE_CONFIGS))
 def test_vae_export_loads_back_exactly(tmp_path, name):
   ref = make_dcae(tmp_path / "ref", DCAE_CONFIGS[name])  # batch-norm statistics moved off init too
-  ours = sana_jax.DCAE.from_pretrained(tmp_path / "ref")
-  ours.save_pretrained(tmp_path / "out")
-  back = diffusers.AutoencoderDC.from_pretrained(tmp_path / "out")
-  assert_same_state_dict(back.state_dict(), ref.state_dict())
-  assert public(back.config) == public(ref.config)
-  again = sana_jax.DCAE.from_pretrained(tmp_path / "out")
-  assert again.config == ours.config
-  assert_same_params(again, ours)
+  assert_round_trip(tmp_path, ref, sana_jax.DCAE, diffusers.AutoencoderDC)
 
 
 @pytest.mark.parametrize("causal_lm", [False, True], ids=["Gemma2Model", "Gemma2ForCausalLM"])

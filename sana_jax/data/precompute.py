@@ -22,7 +22,7 @@ from sana_jax.data import pipeline, records
 from sana_jax.data.buckets import bucket_table
 from sana_jax.data.plan import Plans
 from sana_jax.data.sources import FolderSource, TfdsImageSource
-from sana_jax.errors import SanaError
+from sana_jax.errors import SanaError, cli_main
 
 log = logging.getLogger(__name__)
 
@@ -216,14 +216,11 @@ def run(args):
                     overwrite=args.overwrite, read_threads=args.threads, extra_metadata={"model": args.model})
 
 
+@cli_main
 def main(argv=None):
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   logging.getLogger("sana_jax.data").setLevel(logging.INFO)
-  try:
-    meta = run(parse_args(sys.argv[1:] if argv is None else argv))
-  except SanaError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  meta = run(parse_args(sys.argv[1:] if argv is None else argv))
   print(json.dumps({k: meta[k] for k in ("count", "skipped", "latent_channels", "caption_length", "caption_channels")}))
   return 0
 

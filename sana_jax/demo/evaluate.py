@@ -29,7 +29,7 @@ import textwrap
 import numpy as np
 
 from sana_jax.demo import shapes
-from sana_jax.errors import SanaError
+from sana_jax.errors import SanaError, cli_main
 
 TOL = 60.0
 MIN_AREA = 10
@@ -324,12 +324,9 @@ def run(args):
   return report
 
 
+@cli_main
 def main(argv=None):
-  try:
-    report = run(parse_args(sys.argv[1:] if argv is None else argv))
-  except SanaError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  report = run(parse_args(sys.argv[1:] if argv is None else argv))
   print(json.dumps({k: report[k] for k in ("score", "n", "by_category", "by_split", "by_check")}))
   return 0
 

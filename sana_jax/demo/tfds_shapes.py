@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sana_jax.demo import shapes
-from sana_jax.errors import SanaError
+from sana_jax.errors import SanaError, cli_main
 
 
 @dataclasses.dataclass
@@ -92,6 +92,7 @@ def build(data_dir, config="default", *, num_train=None, num_validation=None, se
   return f"{builder.name}/{c.name}"
 
 
+@cli_main
 def main(argv=None):
   import argparse
   import sys
@@ -102,12 +103,8 @@ def main(argv=None):
   p.add_argument("--num-validation", type=int)
   p.add_argument("--seed", type=int)
   args = p.parse_args(argv)
-  try:
-    name = build(args.data_dir, args.config, num_train=args.num_train, num_validation=args.num_validation,
-                 seed=args.seed)
-  except SanaError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  name = build(args.data_dir, args.config, num_train=args.num_train, num_validation=args.num_validation,
+               seed=args.seed)
   print(f"built {name} in {args.data_dir}: data.source='tfds:{name}', data.data_dir={args.data_dir!r}")
   return 0
 

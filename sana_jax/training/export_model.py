@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from sana_jax.errors import SanaError
+from sana_jax.errors import SanaError, cli_main
 
 
 def load_run_config(workdir):
@@ -41,6 +41,7 @@ def export_transformer(workdir, out, *, ema=True, dtype="float32", step=None):
   return step
 
 
+@cli_main
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True)
@@ -49,11 +50,7 @@ def main(argv=None):
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   p.add_argument("--step", type=int, default=None)
   args = p.parse_args(argv)
-  try:
-    step = export_transformer(args.workdir, args.out, ema=not args.no_ema, dtype=args.dtype, step=args.step)
-  except SanaError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  step = export_transformer(args.workdir, args.out, ema=not args.no_ema, dtype=args.dtype, step=args.step)
   print(f"wrote step {step} to {args.out}")
   return 0
 

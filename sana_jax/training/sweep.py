@@ -18,7 +18,7 @@ import shlex
 import subprocess
 import sys
 
-from sana_jax.errors import SanaError
+from sana_jax.errors import SanaError, cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,17 +57,14 @@ def commands(base, runs, workdir, python=sys.executable):
   return out
 
 
+@cli_main
 def main(argv=None):
   p = argparse.ArgumentParser(description="Expand a sweep file into train.py runs.")
   p.add_argument("sweep")
   p.add_argument("--workdir", required=True, help="each run writes to WORKDIR/<its overrides>")
   p.add_argument("--print", action="store_true", help="print the commands instead of running them")
   args = p.parse_args(argv)
-  try:
-    base, runs = load(args.sweep)
-  except SanaError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  base, runs = load(args.sweep)
   cmds = commands(base, runs, args.workdir)
   if args.print:
     print("\n".join(shlex.join(c) for c in cmds))
