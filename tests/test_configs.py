@@ -71,3 +71,15 @@ def test_dcae_configs_match_diffusers_parameter_count(name):
   ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
   assert ours == ref_count
   assert cfg.spatial_compression == int(name[1:name.index("c", 1)])
+
+
+def test_demo_config_describes_the_shipped_dit():
+  """configs/demo_shapes.py with the shipped settings builds exactly the architecture in the asset."""
+  import json
+  import os
+  from configs import demo_shapes
+  with open(os.path.join(os.path.dirname(sana_jax.__file__), "assets/sana-shapes/transformer/config.json")) as f:
+    shipped = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+  model = demo_shapes.get_config("layers=8,pe").model
+  assert {k: model[k] for k in shipped if k in model} == {k: v for k, v in shipped.items() if k in model}
+  assert sana_jax.SanaTransformerConfig.from_dict(model.to_dict()) == sana_jax.SanaTransformerConfig.from_dict(shipped)

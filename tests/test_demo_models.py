@@ -2,9 +2,11 @@
 import itertools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sana_jax.demo import shapes
 from sana_jax.demo import text_encoder as te
@@ -90,3 +92,17 @@ def test_dcae_training_reduces_loss_and_scales(tmp_path):
   assert math.isfinite(scale) and scale > 0 and model.scaling_factor == scale
   assert model.encode(jnp.zeros((1, 64, 64, 3))).shape == (1, 8, 8, 4)
   assert math.isfinite(train_dcae.evaluate(model, images[:4]))
+
+
+def test_dcae_decoder_only_finetune_keeps_the_latent_space():
+  images = np.stack([shapes.generate(i, 0, "train")[0] for i in range(16)])
+  config = train_dcae.tiny_dcae_config(latent_channels=4, widths=(8, 8, 16, 16), encoder_layers=(0, 1, 1, 1),
+                                       decoder_layers=(0, 1, 1, 1))
+  quiet = dict(batch_size=4, lr=3e-3, warmup=2, log=lambda _: None)
+  model, scale, _ = train_dcae.train_dcae(images, steps=4, config=config, **quiet)
+  before = jax.tree.map(np.array, nnx.state(model))
+  tuned, tuned_scale, _ = train_dcae.train_dcae(images, steps=4, model=model, decoder_only=True, **quiet)
+  after = nnx.state(tuned)
+  same = lambda part: all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part])))
+  assert same("encoder") and not same("decoder")
+  assert tuned_scale == scale

@@ -61,9 +61,16 @@ def reconstruction_loss(model, x):
   return jnp.mean(jnp.abs(err)) + jnp.mean(jnp.square(err))
 
 
-def make_optimizer(steps, lr, warmup):
+def make_optimizer(steps, lr, warmup, params=None, decoder_only=False):
+  """AdamW on a warmup-cosine schedule; with `decoder_only` the encoder's updates are zero (pass `params`
+  for the labels), so the latent space a trained DiT relies on stays exactly where it is."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps - 1, 1)), max(steps, 2), lr * 0.05)
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.99, weight_decay=1e-4))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.99, weight_decay=1e-4))
+  if not decoder_only:
+    return tx
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if getattr(path[0], "key", None) == "encoder" else "trained", params)
+  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def make_train_step(graphdef, tx):
@@ -105,17 +112,20 @@ def evaluate(model, images):
 
 
 def train_dcae(images, steps, *, config=None, model=None, batch_size=32, lr=2e-3, warmup=100, seed=0,
-               eval_images=None, log_every=100, log=functools.partial(print, flush=True)):
+               eval_images=None, log_every=100, log=functools.partial(print, flush=True), decoder_only=False):
   """Trains a DC-AE (`model`, or a new one of `config`) on uint8 [N, 64, 64, 3] images (or an
-  iterator of batches).
+  iterator of batches); `decoder_only` fine-tunes the decoder of a trained `model` and keeps its
+  encoder and scaling factor (the latents a DiT was trained on do not move).
 
   Returns (model with config.scaling_factor set, scaling_factor, metrics): metrics hold the loss
   curve (every `log_every` steps), wall time, and PSNR on `eval_images` when given. The
   scaling factor is measured on the first 512 images (an iterator: on its first batch).
   """
+  if decoder_only and model is None:
+    raise ValueError("decoder_only fine-tunes a trained model: pass `model`")
   model = model or DCAE(config or tiny_dcae_config(), rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model)
-  tx = make_optimizer(steps, lr, warmup)
+  tx = make_optimizer(steps, lr, warmup, params, decoder_only)
   opt_state = tx.init(params)
   step = make_train_step(graphdef, tx)
   data = batches(images, batch_size, seed)
@@ -131,7 +141,7 @@ def train_dcae(images, steps, *, config=None, model=None, batch_size=32, lr=2e-3
   metrics = dict(steps=steps, batch_size=batch_size, train_seconds=time.time() - start, losses=losses,
                  num_params=int(sum(p.size for p in jax.tree.leaves(params))))
   sample = images[:512] if isinstance(images, np.ndarray) else first  # an iterator: its first batch
-  scaling_factor = latent_scaling_factor(model, sample)
+  scaling_factor = model.config.scaling_factor if decoder_only else latent_scaling_factor(model, sample)
   model.config = dataclasses.replace(model.config, scaling_factor=scaling_factor)
   if eval_images is not None:
     metrics["eval_psnr_db"] = evaluate(model, eval_images)
@@ -155,14 +165,18 @@ def main(argv=None):
   p.add_argument("--eval-images", type=int, default=256)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--resume", help="a saved vae/ directory to continue training from")
+  p.add_argument("--decoder-only", action="store_true",
+                 help="with --resume: train only the decoder (the encoder, its latents and scaling factor stay)")
   args = p.parse_args(argv)
+  if args.decoder_only and not args.resume:
+    p.error("--decoder-only needs --resume DIR (a trained vae/ directory)")
   train = shapes_images(args.train_images, args.seed, "train")
   held = shapes_images(args.eval_images, args.seed, "validation")
   start = DCAE.from_pretrained(args.resume) if args.resume else None
   model, scaling_factor, metrics = train_dcae(train, args.steps, config=tiny_dcae_config(args.latent_channels),
                                               model=start, warmup=10 if start else 100,
                                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                              eval_images=held)
+                                              eval_images=held, decoder_only=args.decoder_only)
   model.save_pretrained(os.path.join(args.out, "vae"))
   with open(os.path.join(args.out, "dcae_metrics.json"), "w") as f:
     json.dump(metrics, f, indent=1)
