@@ -2,6 +2,9 @@
 
   python sample.py "a red fox in the snow" --model PATH_OR_HUB_ID [--steps 20 --cfg 4.5 --seed 0]
 
+Without --cfg the model's own guidance scale is used (model_index.json "sana_jax", see
+sana_jax.pipeline.model_settings; 3.0 for the shipped demo model), else 4.5.
+
 Writes OUTPUT_DIR/0000.png, 0001.png, ... in prompt order, each with its prompt, seed, steps, cfg and
 model in the PNG's text metadata. Bad input ends with a one-line error and exit status 2.
 """
@@ -33,7 +36,8 @@ def parse_args(argv):
   p.add_argument("--width", type=int)
   p.add_argument("--aspect", help="W:H, e.g. 16:9, at the model's native area (instead of --height/--width)")
   p.add_argument("--steps", type=int, default=20)
-  p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = off)")
+  p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off; default: the "
+                 "model's own, else 4.5)")
   p.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (0 = off)")
   p.add_argument("--pag-layers", default="0", help="comma-separated block indices for PAG (default: 0)")
   p.add_argument("--sampler", default=None, help="flow_dpm | flow_euler (default: the model's scheduler)")
@@ -62,7 +66,7 @@ def check_settings(args, model_dir):
   from sana_jax.sampling import SAMPLERS
   if args.steps <= 0:
     raise UserError(f"--steps {args.steps}: the number of inference steps must be positive")
-  if not math.isfinite(args.cfg) or args.cfg < 0:
+  if args.cfg is not None and (not math.isfinite(args.cfg) or args.cfg < 0):
     raise UserError(f"--cfg {args.cfg}: guidance scale must be finite and non-negative")
   if not math.isfinite(args.pag) or args.pag < 0:
     raise UserError(f"--pag {args.pag}: perturbed-attention guidance scale must be finite and non-negative")
@@ -146,6 +150,7 @@ def main(argv=None):
   from sana_jax.compile_cache import enable_compilation_cache
   enable_compilation_cache()
   pipe = SanaPipeline.from_pretrained(model_dir, dtype=args.dtype, sampler=args.sampler)
+  cfg = pipe.guidance_scale if args.cfg is None else args.cfg
   jobs = [(p, i) for p in prompts for i in range(args.num_images_per_prompt)]
   os.makedirs(args.output_dir, exist_ok=True)
   f = pipe.vae_scale_factor
@@ -159,7 +164,7 @@ def main(argv=None):
                          for s in seeds])
     began = time.perf_counter()
     images = pipe([p for p, _ in batch], negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.cfg, latents=latents, pag_scale=args.pag,
+                  num_inference_steps=args.steps, guidance_scale=cfg, latents=latents, pag_scale=args.pag,
                   pag_applied_layers=args.pag_layers).images
     elapsed = time.perf_counter() - began
     if first_call is None:
@@ -168,7 +173,7 @@ def main(argv=None):
       later, later_images = later + elapsed, later_images + len(batch)
     for (prompt, _), seed, image in zip(batch, seeds, images):
       save_png(image, os.path.join(args.output_dir, f"{index:04d}.png"),
-               dict(prompt=prompt, seed=seed, steps=args.steps, cfg=args.cfg, pag=args.pag, model=args.model,
+               dict(prompt=prompt, seed=seed, steps=args.steps, cfg=cfg, pag=args.pag, model=args.model,
                     sampler=pipe.sampler if args.sampler is None else args.sampler))
       index += 1
   rate = later_images / later if later else len(jobs[:args.batch_size]) / first_call

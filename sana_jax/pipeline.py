@@ -45,12 +45,17 @@ def resolve_model(path_or_id):
     raise SanaError(f"cannot fetch model {path!r} from the hub: {str(e).splitlines()[0]}") from None
 
 
-def text_settings(path):
-  """Prompt-encoding settings a pipeline directory overrides (model_index.json "sana_jax": the shipped
-  demo model uses no complex human instruction and short captions); {} for official checkpoints."""
+TEXT_SETTINGS = ("max_sequence_length", "complex_human_instruction")
+DEFAULT_GUIDANCE_SCALE = 4.5  # diffusers' and the reference's
+
+
+def model_settings(path):
+  """Settings a pipeline directory overrides (model_index.json "sana_jax"); {} for official checkpoints.
+  The shipped demo model uses no complex human instruction, short captions, and its own default
+  guidance scale (the one its alignment scores best at)."""
   with open(os.path.join(path, "model_index.json")) as f:
     extra = json.load(f).get("sana_jax", {})
-  unknown = sorted(set(extra) - {"max_sequence_length", "complex_human_instruction"})
+  unknown = sorted(set(extra) - {*TEXT_SETTINGS, "guidance_scale"})
   if unknown:
     raise SanaError(f"{path}: model_index.json has unknown sana_jax setting(s) {unknown}")
   if "complex_human_instruction" in extra:
@@ -58,11 +63,18 @@ def text_settings(path):
   return extra
 
 
+def text_settings(path):
+  """The prompt-encoding part of `model_settings`."""
+  return {k: v for k, v in model_settings(path).items() if k in TEXT_SETTINGS}
+
+
 class SanaPipeline:
   def __init__(self, tokenizer, text_encoder, transformer, vae, *, sampler="flow_dpm", flow_shift=3.0,
-               max_sequence_length=300, complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION, tiled_decode_above=2048):
+               max_sequence_length=300, complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION, tiled_decode_above=2048,
+               guidance_scale=DEFAULT_GUIDANCE_SCALE):
     self.tokenizer, self.text_encoder, self.transformer, self.vae = tokenizer, text_encoder, transformer, vae
     self.sampler, self.flow_shift = sampler, flow_shift
+    self.guidance_scale = guidance_scale  # what __call__ uses when given none
     self.text_settings = dict(max_sequence_length=max_sequence_length,
                               complex_human_instruction=tuple(complex_human_instruction or ()))
     self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, max_sequence_length=max_sequence_length,
@@ -101,7 +113,7 @@ class SanaPipeline:
                  text_encoder=GemmaTextEncoder.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype),
                  vae=DCAE.from_pretrained(os.path.join(path, "vae"), dtype=dtype),
                  sampler=SCHEDULERS[sched["_class_name"]], flow_shift=sched.get("flow_shift", sched.get("shift", 3.0)),
-                 **text_settings(path))
+                 **model_settings(path))
     if transformer:
       parts["transformer"] = SanaTransformer.from_pretrained(os.path.join(path, "transformer"), dtype=dtype)
     return parts
@@ -113,11 +125,13 @@ class SanaPipeline:
     export.save_pipeline(directory, transformer=nnx.merge(self._dit_graph, self._dit_state), vae=self.vae,
                          text_encoder=self.text_encoder, tokenizer=self.tokenizer, flow_shift=self.flow_shift,
                          scheduler=next(name for name, s in SCHEDULERS.items() if s == self.sampler), dtype=dtype,
-                         text_settings=self._non_default_text_settings(), **kwargs)
+                         settings=self._non_default_settings(), **kwargs)
 
-  def _non_default_text_settings(self):
-    defaults = dict(max_sequence_length=300, complex_human_instruction=tuple(COMPLEX_HUMAN_INSTRUCTION))
-    return {k: v for k, v in self.text_settings.items() if v != defaults[k]}
+  def _non_default_settings(self):
+    defaults = dict(max_sequence_length=300, complex_human_instruction=tuple(COMPLEX_HUMAN_INSTRUCTION),
+                    guidance_scale=DEFAULT_GUIDANCE_SCALE)
+    ours = dict(self.text_settings, guidance_scale=self.guidance_scale)
+    return {k: v for k, v in ours.items() if v != defaults[k]}
 
   def set_transformer_params(self, state):
     """Swaps in new DiT weights of the same architecture (training's periodic samples)."""
@@ -154,10 +168,11 @@ class SanaPipeline:
 
     return denoise(velocity, latents, sigmas, timesteps, step)
 
-  def __call__(self, prompt, negative_prompt="", height=None, width=None, num_inference_steps=20, guidance_scale=4.5,
+  def __call__(self, prompt, negative_prompt="", height=None, width=None, num_inference_steps=20, guidance_scale=None,
                num_images_per_prompt=1, seed=None, latents=None, output_type="pil", sampler=None,
                use_resolution_binning=True, pag_scale=0.0, pag_applied_layers=(0,)):
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
     f = self.vae_scale_factor
     height = height or self.transformer.config.sample_size * f
     width = width or self.transformer.config.sample_size * f

@@ -20,7 +20,8 @@ def test_demo_model_ships_in_the_package_and_is_small():
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(DEMO) for f in files)
   assert size <= 25e6
   with open(os.path.join(DEMO, "model_index.json")) as f:
-    assert json.load(f)["sana_jax"] == {"complex_human_instruction": [], "max_sequence_length": 16}
+    assert json.load(f)["sana_jax"] == {"complex_human_instruction": [], "max_sequence_length": 16,
+                                        "guidance_scale": 3.0}
 
 
 @pytest.mark.slow
@@ -30,6 +31,7 @@ def test_sample_py_defaults_to_the_demo_model(tmp_path):
   assert out.returncode == 0, out.stderr
   image = Image.open(tmp_path / "0000.png")
   assert image.size == (64, 64)
+  assert float(image.text["cfg"]) == 3.0  # the model's own guidance scale, no --cfg given
   pixels = np.asarray(image.convert("RGB")).astype(int)
   assert pixels.std() > 10  # not a blank or flat image
 

@@ -282,10 +282,15 @@ def test_pipeline_save_pretrained_round_trips(tmp_path):
     assert "sana_jax" not in json.load(f)  # official settings: nothing extra written
 
   # prompt settings of our own (the demo model: no CHI, short captions) travel with the directory
-  short = sana_jax.SanaPipeline.from_pretrained(tmp_path / "ref", max_sequence_length=8, complex_human_instruction=())
+  # and so does its own default guidance scale
+  short = sana_jax.SanaPipeline.from_pretrained(tmp_path / "ref", max_sequence_length=8, complex_human_instruction=(),
+                                                guidance_scale=3.0)
   short.save_pretrained(tmp_path / "short")
   loaded = sana_jax.SanaPipeline.from_pretrained(tmp_path / "short")
   assert loaded.text_settings == dict(max_sequence_length=8, complex_human_instruction=())
+  assert loaded.guidance_scale == 3.0 and ours.guidance_scale == 4.5
+  with open(tmp_path / "short" / "model_index.json") as f:
+    assert json.load(f)["sana_jax"] == dict(max_sequence_length=8, complex_human_instruction=[], guidance_scale=3.0)
   y, mask, _, _ = loaded.encode_prompt("a red fox")
   assert y.shape[1] == 8 and np.array_equal(y, short.encode_prompt("a red fox")[0])
   assert not np.array_equal(y, ours.encode_prompt("a red fox")[0][:, :8])

@@ -540,16 +540,17 @@ def _write_tokenizer(directory, tokenizer):
 
 
 def save_pipeline(directory, *, transformer, vae, text_encoder, tokenizer, scheduler="DPMSolverMultistepScheduler",
-                  flow_shift=3.0, dtype="float32", max_shard_bytes=MAX_SHARD_BYTES, text_settings=None):
+                  flow_shift=3.0, dtype="float32", max_shard_bytes=MAX_SHARD_BYTES, settings=None):
   """Writes a diffusers-format Sana pipeline directory (model_index.json, transformer/, vae/,
   text_encoder/, tokenizer/, scheduler/) that diffusers' and our SanaPipeline.from_pretrained load.
 
   tokenizer: a transformers tokenizer, or a directory holding one (a pipeline directory works too).
   scheduler: "DPMSolverMultistepScheduler" (Flow-DPM-Solver) or "FlowMatchEulerDiscreteScheduler",
   set to `flow_shift`; or a full scheduler config dict (e.g. an official repository's), written as
-  given. dtype: of every model's weights (see save_pretrained). text_settings: prompt encoding that
-  differs from Sana's (max_sequence_length, complex_human_instruction), kept under model_index.json's
-  "sana_jax" key for our loader (diffusers ignores it: pass the same values to its __call__)."""
+  given. dtype: of every model's weights (see save_pretrained). settings: prompt encoding and sampling
+  that differ from Sana's (max_sequence_length, complex_human_instruction, guidance_scale), kept under
+  model_index.json's "sana_jax" key for our loader (diffusers ignores it: pass the same values to its
+  __call__)."""
   comps = {"transformer": transformer_component(transformer), "vae": vae_component(vae),
            "text_encoder": gemma_component(text_encoder, dtype)}
   sched = scheduler_config(scheduler, flow_shift)
@@ -561,6 +562,6 @@ def save_pipeline(directory, *, transformer, vae, text_encoder, tokenizer, sched
     os.makedirs(os.path.join(tmp, "scheduler"))
     _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
     index["tokenizer"] = ["transformers", _write_tokenizer(os.path.join(tmp, "tokenizer"), tokenizer)]
-    if text_settings:
-      index["sana_jax"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(text_settings).items()}
+    if settings:
+      index["sana_jax"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(settings).items()}
     _write_json(os.path.join(tmp, "model_index.json"), index)

@@ -1,6 +1,6 @@
 """Prompt-image alignment for the shapes grammar (`shapes.py`), in the spirit of GenEval.
 
-    python -m sana_jax.demo.evaluate --model DIR --n 200 --out DIR [--steps 20 --cfg 4.5 --seed 0]
+    python -m sana_jax.demo.evaluate --model DIR --n 200 --out DIR [--steps 20 --cfg CFG --seed 0]
     python -m sana_jax.demo.evaluate --reference --n 200 --out DIR   # ground-truth renders: the ceiling
 
 writes DIR/report.json and DIR/grid.png (samples in prompt order, green frame = correct).
@@ -271,6 +271,7 @@ def pipeline_generator(model, *, steps, cfg, dtype, height=None, width=None):
   def generate(prompts, seed):
     return pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, seed=seed, height=height, width=width,
                 output_type="np").images
+  generate.guidance_scale = pipe.guidance_scale if cfg is None else cfg  # for the report
   return generate
 
 
@@ -291,7 +292,7 @@ def parse_args(argv):
   p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt set")
   p.add_argument("--out", required=True, help="directory for report.json and grid.png")
   p.add_argument("--steps", type=int, default=20)
-  p.add_argument("--cfg", type=float, default=4.5)
+  p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's own, else 4.5)")
   p.add_argument("--seed", type=int, default=0, help="the batch starting at prompt i uses seed + i")
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--height", type=int)
@@ -317,6 +318,7 @@ def run(args):
                     grid_path=os.path.join(args.out, "grid.png"))
   report["settings"] = {k: getattr(args, k) for k in ("model", "reference", "n", "heldout_fraction", "prompt_seed",
                                                      "steps", "cfg", "seed", "height", "width", "dtype")}
+  report["settings"]["cfg"] = getattr(generate, "guidance_scale", None)
   path = os.path.join(args.out, "report.json")
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)

@@ -84,7 +84,7 @@ def stage_ship(out, a, work):
   export.save_pipeline(out, transformer=sana_jax.SanaTransformer.from_pretrained(os.path.join(parts, "transformer")),
                        vae=sana_jax.DCAE.from_pretrained(os.path.join(parts, "vae")),
                        text_encoder=sana_jax.GemmaTextEncoder.from_pretrained(os.path.join(parts, "text_encoder")),
-                       tokenizer=os.path.join(parts, "tokenizer"), flow_shift=FLOW_SHIFT, text_settings=TEXT_SETTINGS)
+                       tokenizer=os.path.join(parts, "tokenizer"), flow_shift=FLOW_SHIFT, settings=TEXT_SETTINGS)
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
   return dict(megabytes=round(size / 1e6, 2))
 
