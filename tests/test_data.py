@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from sana_jax import data
-from sana_jax.data import hashing, images, pipeline, precompute, records
+from sana_jax.data import hashing, images, pipeline, precompute, records, reencode
 from sana_jax.data.plan import Plans
 from sana_jax.errors import SanaError
 
@@ -330,6 +330,37 @@ def test_precompute_writes_records_the_iterator_reads(tmp_path):
     precompute.precompute(str(tmp_path / "photos"), str(out), encode_images=encode_images,
                           encode_captions=encode_captions, scaling_factor=0.5, buckets=[(32, 32)],
                           spatial_compression=2)
+
+
+def test_reencode_keeps_latents_and_replaces_text(tmp_path):
+  make_folder(tmp_path / "photos")
+  encode_images, encode_captions = fake_encoders()
+  old, new = tmp_path / "latents", tmp_path / "reencoded"
+  precompute.precompute(str(tmp_path / "photos"), str(old), encode_images=encode_images,
+                        encode_captions=encode_captions, scaling_factor=0.5, buckets=[(32, 32), (32, 64)],
+                        spatial_compression=2, batch_size=2, all_captions=True)
+
+  def wider(texts):  # another "text encoder": width 7, value = number of words
+    y, mask = np.zeros((len(texts), 4, 7), np.float32), np.zeros((len(texts), 4), np.int32)
+    for i, t in enumerate(texts):
+      y[i, :2], mask[i, :2] = len(t.split()), 1
+    return y, mask
+  null = (np.full((4, 7), -1.0, np.float32), np.eye(1, 4, dtype=np.int32)[0])
+  meta = reencode.reencode(str(old), str(new), wider, null, batch_size=2, extra_metadata={"model": "other"})
+  assert (meta["count"], meta["caption_length"], meta["caption_channels"], meta["model"]) == (5, 4, 7, "other")
+  read = lambda d, width: {r["key"]: r for r in map(records.unpack, records.LatentRecordSource(
+      str(d), seed=0, tau=0.1, caption_length=8, caption_channels=width, latent_channels=4)._reader)}
+  before, after = read(old, 5), read(new, 7)
+  assert sorted(after) == sorted(before) and not os.path.exists(str(new) + ".partial")
+  for key, r in after.items():
+    assert r["captions"] == before[key]["captions"] and np.array_equal(r["latents"], before[key]["latents"])
+    assert r["y"].shape == (len(r["captions"]), 2, 7)
+    assert [row[0, 0] for row in r["y"]] == [len(c.split()) for c in r["captions"]]
+  y, mask = data.null_text(dict(source=f"array_record:{new}", caption_length=8, caption_channels=7))
+  assert (y[:4] == -1).all() and mask.tolist() == [1] + [0] * 7
+  with pytest.raises(SanaError, match="exists"):
+    reencode.reencode(str(old), str(new), wider)
+  assert reencode.main(["--data", str(tmp_path / "photos"), "--model", "M", "--out", str(tmp_path / "x")]) == 2
 
 
 @pytest.mark.parametrize("args, match", [

@@ -81,6 +81,42 @@ def test_lm_pretraining_reduces_loss(tokenizer):
   assert metrics["loss_after"] < metrics["loss_before"] - 1.0, metrics
 
 
+def test_side_targets_name_where_the_second_object_goes(tokenizer):
+  captions = ["a red circle above a blue square", "a green triangle to the left of a red circle", "two blue squares"]
+  words, mask, plain = te.caption_arrays(tokenizer, captions)
+  _, _, side = te.caption_arrays(tokenizer, captions, side_targets=True)
+  last = mask.sum(axis=1) - 1
+  assert (plain[np.arange(3), last] == te.EOS).all()
+  assert [tokenizer.convert_ids_to_tokens(int(side[i, last[i]])) for i in range(2)] == ["below", "right"]
+  assert side[2, last[2]] == te.EOS
+  side[np.arange(3), last] = plain[np.arange(3), last]
+  assert np.array_equal(side, plain)  # nothing else changes
+
+
+def test_anchored_side_target_finetune_tells_relations_apart_and_keeps_the_rest(tokenizer):
+  captions = [shapes.generate(i, 0, "train")[1] for i in range(512)]
+  quiet = dict(steps=150, batch_size=32, lr=1e-2, chi=(), log=lambda _: None)
+  start, _ = te.pretrain_lm(te.init_text_encoder(2, len(tokenizer)), tokenizer, captions, **quiet)
+  state = jax.tree.map(np.array, nnx.state(start))
+  probe = ["a red circle above a blue square", "a red circle below a blue square", "two green triangles",
+           "a small yellow circle"]
+  prompts = lambda enc: PromptEncoder(tokenizer, enc, max_sequence_length=10, complex_human_instruction=())
+  y0, mask = map(np.asarray, prompts(start).encode_positive(probe))
+  changes = {}
+  for anchor in (0.0, 3.0):
+    encoder = te.init_text_encoder(2, len(tokenizer))
+    nnx.update(encoder, state)
+    encoder, metrics = te.pretrain_lm(encoder, tokenizer, captions, side_targets=True, anchor=anchor,
+                                      **{**quiet, "steps": 500})
+    assert min(metrics["side_accuracy"].values()) > 0.9, metrics["side_accuracy"]
+    y = np.asarray(prompts(encoder).encode_positive(probe)[0])
+    change = np.linalg.norm(y - y0, axis=-1) / np.linalg.norm(y0, axis=-1)
+    # above / below: the last token's states differ clearly now (a plain LM nearly merges them)
+    assert np.linalg.norm(y[0, 7] - y[1, 7]) > 0.3 * np.linalg.norm(y[0, 7])
+    changes[anchor] = change[2:][mask[2:] == 1].mean()  # captions without a relation
+  assert changes[3.0] < 0.5 * changes[0.0] and changes[3.0] < 0.1, changes
+
+
 def test_dcae_training_reduces_loss_and_scales(tmp_path):
   images = np.stack([shapes.generate(i, 0, "train")[0] for i in range(16)])
   config = train_dcae.tiny_dcae_config(latent_channels=4, widths=(8, 8, 16, 16), encoder_layers=(0, 1, 1, 1),

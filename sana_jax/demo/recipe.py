@@ -29,7 +29,8 @@ def stage_text(out, a):
   captions = te.shapes_captions(a.captions, a.seed)
   tokenizer = te.build_tokenizer(captions, os.path.join(out, "tokenizer"))
   encoder = te.init_text_encoder(a.seed, len(tokenizer))
-  encoder, metrics = te.pretrain_lm(encoder, tokenizer, captions, a.lm_steps, chi=(), seed=a.seed)
+  encoder, metrics = te.pretrain_lm(encoder, tokenizer, captions, a.lm_steps, chi=(), seed=a.seed,
+                                    side_targets=a.side_targets)
   encoder.save_pretrained(os.path.join(out, "text_encoder"))
   return dict(vocab_size=len(tokenizer), lm_loss_before=metrics["loss_before"], lm_loss_after=metrics["loss_after"])
 
@@ -107,6 +108,8 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--captions", type=int, default=8192)
   p.add_argument("--lm-steps", type=int, default=300)
+  p.add_argument("--side-targets", action="store_true", help="pretrain the text encoder with side targets "
+                 "(sana_jax.demo.text_encoder.caption_arrays); the shipped model predates them")
   p.add_argument("--vae-steps", type=int, default=2500)
   p.add_argument("--vae-images", type=int, default=8192)
   p.add_argument("--latent-channels", type=int, default=16)

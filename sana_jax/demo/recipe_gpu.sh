@@ -1,23 +1,26 @@
 #!/bin/bash
 # The demo recipe on one GPU, reusing the shipped tokenizer, text encoder and DC-AE (trained by the
 # CPU recipe) and training the DiT longer on more images:
-#   bash sana_jax/demo/recipe_gpu.sh WORK OUT IMAGES STEPS BATCH LAYERS SECONDS
+#   bash sana_jax/demo/recipe_gpu.sh WORK OUT IMAGES STEPS BATCH LAYERS SECONDS [TEXT]
 # SECONDS bounds train.py's wall time: SIGTERM makes it checkpoint and stop; the last checkpoint ships.
+# TEXT: a directory with tokenizer/ and text_encoder/ to use instead of the shipped ones (e.g. the
+# side-target encoder of `python -m sana_jax.demo.text_encoder --side-targets`; README "The demo model").
+# EXTRA (environment): more configs/demo_shapes.py arguments, e.g. EXTRA=pe for the position embedding.
 set -u
-work=$1 out=$2 images=$3 steps=$4 batch=$5 layers=$6 seconds=$7
+work=$1 out=$2 images=$3 steps=$4 batch=$5 layers=$6 seconds=$7 text=${8:-sana_jax/assets/sana-shapes}
 asset=sana_jax/assets/sana-shapes
 mkdir -p $work/parts
-cp -r $asset/tokenizer $asset/text_encoder $asset/vae $work/parts/
-python3 - "$work" <<'PY'
+cp -r $text/tokenizer $text/text_encoder $asset/vae $work/parts/
+python3 - "$work" "$text" <<'PY'
 import json, sys
-log = {"parts/tokenizer": {"reused": "sana_jax/assets/sana-shapes", "seconds": 0},
+log = {"parts/tokenizer": {"reused": sys.argv[2], "seconds": 0},
        "parts/vae": {"reused": "sana_jax/assets/sana-shapes", "seconds": 0}}
 json.dump(log, open(f"{sys.argv[1]}/recipe.json", "w"), indent=1)
 PY
 python3 -m sana_jax.demo.recipe --work $work --images $images --stop-after data || exit 1
 start=$(date +%s)
 timeout -s TERM $seconds python3 train.py --workdir $work/dit \
-  --config "configs/demo_shapes.py:latents=$work/data,steps=$steps,batch=$batch,layers=$layers"
+  --config "configs/demo_shapes.py:latents=$work/data,steps=$steps,batch=$batch,layers=$layers${EXTRA:+,$EXTRA}"
 python3 - "$work" "$start" <<'PY'
 import json, sys, time
 work, start = sys.argv[1], float(sys.argv[2])

@@ -4,7 +4,9 @@
     encoder = init_text_encoder(seed=0, vocab_size=len(tokenizer))
     encoder, metrics = pretrain_lm(encoder, tokenizer, captions, steps=300)
 
-or `python -m sana_jax.demo.text_encoder --out DIR` (writes DIR/tokenizer and DIR/text_encoder).
+or `python -m sana_jax.demo.text_encoder --out DIR` (writes DIR/tokenizer and DIR/text_encoder). The
+shipped encoder was then fine-tuned in place of a retrain, so the DiT trained on it stays usable:
+`--resume SHIPPED --no-chi --side-targets --anchor 1` (see `caption_arrays` and `pretrain_lm`).
 
 Token ids are Gemma's special ids: <pad>=0, <eos>=1, <bos>=2, <unk>=3; BOS is prepended, no EOS, right
 padding, as Gemma's tokenizer and our PromptEncoder use them. Then every word of the caption grammar,
@@ -24,6 +26,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -108,16 +111,27 @@ def init_text_encoder(seed=0, vocab_size=None):
 # causal-LM pretraining
 
 
-def caption_arrays(tokenizer, captions):
+# "A {relation} B": where B lies from A, the word a relation caption's last token learns to predict
+SIDE_OF_SECOND = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+def caption_arrays(tokenizer, captions, side_targets=False):
   """Word ids W [N, L] (right-padded), mask [N, L], and next-token targets [N, L]: W shifted left, EOS
-  after the last word. A prefix's last position predicts W[:, 0]."""
+  after the last word. A prefix's last position predicts W[:, 0].
+
+  side_targets: a relation caption's last word predicts the side of its second object (SIDE_OF_SECOND)
+  instead of EOS. A plain causal LM has no use for telling "above" from "below" (the same words follow
+  both), so it all but merges them, and the DiT sees two relations as one; this target makes the last
+  token's state, which the DiT attends to, say where the object it names goes."""
   ids = [tokenizer.encode(c, add_special_tokens=False) for c in captions]
   n = max(len(i) for i in ids)
   words = np.full((len(ids), n), PAD, np.int32)
   targets = np.full((len(ids), n), PAD, np.int32)
-  for row, seq in enumerate(ids):
+  for row, (caption, seq) in enumerate(zip(captions, ids)):
     words[row, :len(seq)] = seq
-    targets[row, :len(seq)] = seq[1:] + [EOS]
+    spec = shapes.parse(caption) if side_targets else None
+    last = tokenizer.convert_tokens_to_ids(SIDE_OF_SECOND[spec.relation]) if spec and spec.relation else EOS
+    targets[row, :len(seq)] = seq[1:] + [last]
   return words, (words != PAD).astype(np.int32), targets
 
 
@@ -133,10 +147,19 @@ def lm_loss(encoder, prefix_ids, words, mask, targets):
 
 
 def pretrain_lm(encoder, tokenizer, captions, steps=300, *, chi=COMPLEX_HUMAN_INSTRUCTION, batch_size=32, lr=3e-3,
-                seed=0, log_every=50, log=functools.partial(print, flush=True)):
+                seed=0, side_targets=False, anchor=0.0, log_every=50, log=functools.partial(print, flush=True)):
   """Trains `encoder` in place as a causal LM on `captions` (after the CHI and after BOS alone, equally
-  weighted). Returns (encoder, metrics) with the loss before and after on a fixed batch of captions."""
-  words, mask, targets = caption_arrays(tokenizer, list(captions))
+  weighted). Returns (encoder, metrics) with the loss before and after on a fixed batch of captions.
+
+  side_targets: see `caption_arrays`. anchor > 0 fine-tunes an encoder a DiT already uses: it adds
+  `anchor` times the squared relative change of the output states (prefix and caption tokens), except
+  at the relation words and at positions whose target `side_targets` changed, so the DiT's inputs move
+  only where they must. (With the relation words anchored too, "left" and "right", whose embeddings
+  the plain LM made near-identical, tend to stay merged.)"""
+  words, mask, targets = caption_arrays(tokenizer, list(captions), side_targets=side_targets)
+  # anchored: positions whose target stayed, except the relation words, which must come apart too
+  relation_words = tokenizer.convert_tokens_to_ids(list(SIDE_OF_SECOND))
+  keep = mask * (targets == caption_arrays(tokenizer, list(captions))[2]) * ~np.isin(words, relation_words)
   prefixes = [jnp.asarray([[BOS]], jnp.int32)]
   if chi:
     prefixes.append(jnp.asarray([tokenizer.encode("\n".join(chi))], jnp.int32))
@@ -145,9 +168,26 @@ def pretrain_lm(encoder, tokenizer, captions, steps=300, *, chi=COMPLEX_HUMAN_IN
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
   opt_state = tx.init(params)
 
-  def loss_fn(params, *batch):
+  def outputs(params, words, mask):  # per prefix: (prefix states [1, P, D], caption states [B, L, D])
     model = nnx.merge(graphdef, params)
-    return sum(lm_loss(model, p, *batch) for p in prefixes) / len(prefixes)
+    cached = [model.encode_prefix(p) for p in prefixes]
+    return [(c.hidden, model(words, mask, c)) for c in cached]
+
+  def change(new, old, weight):
+    return jnp.sum(weight * jnp.sum(jnp.square(new - old), -1) / jnp.sum(jnp.square(old), -1)) / jnp.sum(weight)
+
+  if anchor:  # the starting encoder's states for every caption, per prefix
+    chunks = [jax.jit(outputs)(params, words[i:i + 1024], mask[i:i + 1024]) for i in range(0, len(words), 1024)]
+    reference = [(chunks[0][k][0], jnp.concatenate([c[k][1] for c in chunks])) for k in range(len(prefixes))]
+
+  def loss_fn(params, rows, words, mask, targets, keep):
+    model = nnx.merge(graphdef, params)
+    loss = sum(lm_loss(model, p, words, mask, targets) for p in prefixes) / len(prefixes)
+    if anchor:
+      for (prefix, hidden), (old_prefix, old_hidden) in zip(outputs(params, words, mask), reference):
+        moved = change(prefix, old_prefix, jnp.ones(prefix.shape[:-1])) + change(hidden, old_hidden[rows], keep)
+        loss += anchor * moved / len(prefixes)
+    return loss
 
   @jax.jit
   def step(params, opt_state, *batch):
@@ -158,18 +198,32 @@ def pretrain_lm(encoder, tokenizer, captions, steps=300, *, chi=COMPLEX_HUMAN_IN
   rng = np.random.default_rng(seed)
   fixed = rng.permutation(len(words))[:256]
   evaluate = jax.jit(loss_fn)
-  eval_batch = (words[fixed], mask[fixed], targets[fixed])
+  eval_batch = (fixed, words[fixed], mask[fixed], targets[fixed], keep[fixed])
   before, start, curve = float(evaluate(params, *eval_batch)), time.time(), []
   for i in range(steps):
     rows = rng.integers(len(words), size=batch_size)
-    params, opt_state, loss = step(params, opt_state, words[rows], mask[rows], targets[rows])
+    params, opt_state, loss = step(params, opt_state, rows, words[rows], mask[rows], targets[rows], keep[rows])
     if i % log_every == 0 or i == steps - 1:
       curve.append((i, float(loss)))
       log(f"lm step {i:4d}  loss {float(loss):.4f}  {time.time() - start:5.1f} s")
   nnx.update(encoder, params)
   after = float(evaluate(params, *eval_batch))
-  return encoder, dict(steps=steps, loss_before=before, loss_after=after, losses=curve,
-                       train_seconds=time.time() - start)
+  metrics = dict(steps=steps, loss_before=before, loss_after=after, losses=curve, train_seconds=time.time() - start)
+  if side_targets:
+    metrics["side_accuracy"] = side_accuracy(encoder, tokenizer, captions[:2048])
+  return encoder, metrics
+
+
+def side_accuracy(encoder, tokenizer, captions):
+  """{relation: how often a relation caption's last token predicts its SIDE_OF_SECOND word} (after BOS)."""
+  words, mask, targets = caption_arrays(tokenizer, captions, side_targets=True)
+  hidden = encoder(jnp.asarray(words), jnp.asarray(mask), encoder.encode_prefix(jnp.asarray([[BOS]], jnp.int32)))
+  last = mask.sum(axis=1) - 1
+  rows = np.arange(len(words))
+  right = np.asarray(jnp.argmax(encoder.lm_logits(hidden), -1))[rows, last] == targets[rows, last]
+  specs = [shapes.parse(c) for c in captions]
+  return {r: round(float(np.mean([ok for ok, s in zip(right, specs) if s and s.relation == r])), 4)
+          for r in shapes.RELATIONS if any(s and s.relation == r for s in specs)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,18 +240,35 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=300, help="causal-LM pretraining steps (0: random weights)")
   p.add_argument("--captions", type=int, default=4096, help="training captions drawn from the generator")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--no-chi", action="store_true", help="pretrain after BOS alone (the shipped demo model runs "
+                 "without the CHI), not also after it")
+  p.add_argument("--side-targets", action="store_true", help="relation captions' last word predicts where the "
+                 "second object lies (see caption_arrays)")
+  p.add_argument("--resume", help="fine-tune DIR/tokenizer + DIR/text_encoder instead of starting from scratch")
+  p.add_argument("--anchor", type=float, default=0.0, help="with --resume: weight of the penalty on changing "
+                 "the output states a DiT was trained on")
   args = p.parse_args(argv)
   captions = shapes_captions(args.captions, args.seed)
-  tokenizer = build_tokenizer(captions, os.path.join(args.out, "tokenizer"))
-  encoder = init_text_encoder(args.seed, len(tokenizer))
+  if args.resume:
+    shutil.copytree(os.path.join(args.resume, "tokenizer"), os.path.join(args.out, "tokenizer"), dirs_exist_ok=True)
+    tokenizer = load_tokenizer(os.path.join(args.out, "tokenizer"))
+    encoder = GemmaTextEncoder.from_pretrained(os.path.join(args.resume, "text_encoder"))
+  else:
+    tokenizer = build_tokenizer(captions, os.path.join(args.out, "tokenizer"))
+    encoder = init_text_encoder(args.seed, len(tokenizer))
   metrics = {}
   if args.steps:
-    encoder, metrics = pretrain_lm(encoder, tokenizer, captions, args.steps, seed=args.seed)
+    encoder, metrics = pretrain_lm(encoder, tokenizer, captions, args.steps, batch_size=args.batch_size, lr=args.lr,
+                                   chi=() if args.no_chi else COMPLEX_HUMAN_INSTRUCTION, seed=args.seed,
+                                   side_targets=args.side_targets, anchor=args.anchor)
   encoder.save_pretrained(os.path.join(args.out, "text_encoder"))
   with open(os.path.join(args.out, "text_encoder_metrics.json"), "w") as f:
     json.dump(dict(metrics, vocab_size=len(tokenizer)), f, indent=1)
   print(f"vocab {len(tokenizer)}; LM loss {metrics.get('loss_before', float('nan')):.3f} -> "
-        f"{metrics.get('loss_after', float('nan')):.3f}; saved {args.out}")
+        f"{metrics.get('loss_after', float('nan')):.3f}; side accuracy {metrics.get('side_accuracy')}; "
+        f"saved {args.out}")
 
 
 if __name__ == "__main__":
