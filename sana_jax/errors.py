@@ -1,4 +1,5 @@
 """The one exception type for user errors: the CLIs turn it into a one-line message and exit status 2."""
+import argparse
 import functools
 import sys
 
@@ -18,3 +19,10 @@ def cli_main(main):
       print(f"error: {e}", file=sys.stderr)
       return 2
   return wrapped
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """Raises a parse error as a SanaError, so `cli_main` prints it as one line with status 2."""
+
+  def error(self, message):
+    raise SanaError(message)

@@ -8,7 +8,6 @@ Images go through the training transform (nearest aspect bucket of `--resolution
 centre crop), in order, bucket by bucket. Unreadable images are skipped and counted; the output
 appears only when complete (written to OUT.partial, then renamed).
 """
-import argparse
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from sana_jax.data import pipeline, records
 from sana_jax.data.buckets import bucket_table
 from sana_jax.data.plan import Plans
 from sana_jax.data.sources import FolderSource, TfdsImageSource
-from sana_jax.errors import SanaError, cli_main
+from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +175,8 @@ def load_encoders(model, *, dtype="float32", max_sequence_length=300, batch_size
   return encode_images, encode_captions, null_text, vae.scaling_factor, vae.config.spatial_compression
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line and exit status 2, like every other user error
-    raise SanaError(message)
-
-
 def parse_args(argv):
-  p = _Parser(prog="python -m sana_jax.data.precompute", description=__doc__.split("\n\n")[0])
+  p = ArgumentParser(prog="python -m sana_jax.data.precompute", description=__doc__.split("\n\n")[0])
   p.add_argument("--images", required=True, help="image folder with caption sidecars, or tfds:NAME")
   p.add_argument("--model", required=True, help="diffusers-format Sana directory (vae/, text_encoder/, tokenizer/)")
   p.add_argument("--out", required=True, help="output directory (new, or a previous output with --overwrite)")

@@ -7,7 +7,6 @@ copied as stored, every caption of every record is encoded again as `precompute`
 model directory's text_encoder/, tokenizer/ and model_index.json prompt settings), and so is the null
 caption. Like precompute, the output appears only when complete (OUT.partial, then renamed).
 """
-import argparse
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ import sys
 import numpy as np
 
 from sana_jax.data import records
-from sana_jax.errors import SanaError, cli_main
+from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
 
 def reencode(data, out, encode_captions, null_text=None, *, batch_size=256, extra_metadata=None):
@@ -64,13 +63,8 @@ def reencode(data, out, encode_captions, null_text=None, *, batch_size=256, extr
   return meta
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line and exit status 2, like every other user error
-    raise SanaError(message)
-
-
 def parse_args(argv):
-  p = _Parser(prog="python -m sana_jax.data.reencode", description=__doc__.split("\n\n")[0])
+  p = ArgumentParser(prog="python -m sana_jax.data.reencode", description=__doc__.split("\n\n")[0])
   p.add_argument("--data", required=True, help="a precompute output (one split)")
   p.add_argument("--model", required=True, help="diffusers-format Sana directory (text_encoder/, tokenizer/, vae/)")
   p.add_argument("--out", required=True, help="a new output directory")

@@ -20,7 +20,6 @@ Scoring, per prompt, all-or-nothing as in GenEval (the prompt scores 1 when ever
 Extra objects are not penalized (as in GenEval). The report gives the mean over prompts, per category,
 for seen vs held-out pairs, and the pass rate of each check.
 """
-import argparse
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ import textwrap
 import numpy as np
 
 from sana_jax.demo import shapes
-from sana_jax.errors import SanaError, cli_main
+from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
 TOL = 60.0
 MIN_AREA = 10
@@ -278,13 +277,8 @@ def pipeline_generator(model, *, steps, cfg, dtype, height=None, width=None):
 # ---- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line and exit status 2, raised to main
-    raise SanaError(message)
-
-
 def parse_args(argv):
-  p = _Parser(description="Prompt-image alignment of a Sana model on the shapes grammar.")
+  p = ArgumentParser(description="Prompt-image alignment of a Sana model on the shapes grammar.")
   p.add_argument("--model", help="a diffusers-format Sana directory (or hub id)")
   p.add_argument("--reference", action="store_true", help="score ground-truth renders instead of a model")
   p.add_argument("--n", type=int, default=200, help="number of prompts")
