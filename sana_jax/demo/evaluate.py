@@ -311,8 +311,8 @@ def run(args):
   report = evaluate(generate, prompts, seed=args.seed, batch_size=args.batch_size,
                     grid_path=os.path.join(args.out, "grid.png"))
   report["settings"] = {k: getattr(args, k) for k in ("model", "reference", "n", "heldout_fraction", "prompt_seed",
-                                                     "steps", "cfg", "seed", "height", "width", "dtype")}
-  report["settings"]["cfg"] = getattr(generate, "guidance_scale", None)
+                                                     "steps", "seed", "height", "width", "dtype")}
+  report["settings"]["cfg"] = getattr(generate, "guidance_scale", None)  # the one used: the model's, if not given
   path = os.path.join(args.out, "report.json")
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)

@@ -157,9 +157,9 @@ def pretrain_lm(encoder, tokenizer, captions, steps=300, *, chi=COMPLEX_HUMAN_IN
   only where they must. (With the relation words anchored too, "left" and "right", whose embeddings
   the plain LM made near-identical, tend to stay merged.)"""
   words, mask, targets = caption_arrays(tokenizer, list(captions), side_targets=side_targets)
-  # anchored: positions whose target stayed, except the relation words, which must come apart too
-  relation_words = tokenizer.convert_tokens_to_ids(list(SIDE_OF_SECOND))
-  keep = mask * (targets == caption_arrays(tokenizer, list(captions))[2]) * ~np.isin(words, relation_words)
+  # anchored: every token but the relation words (which must come apart too) and the side targets
+  side = (np.arange(words.shape[1]) == mask.sum(axis=1, keepdims=True) - 1) & (targets != EOS)
+  keep = mask * ~side * ~np.isin(words, tokenizer.convert_tokens_to_ids(list(SIDE_OF_SECOND)))
   prefixes = [jnp.asarray([[BOS]], jnp.int32)]
   if chi:
     prefixes.append(jnp.asarray([tokenizer.encode("\n".join(chi))], jnp.int32))
