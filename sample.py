@@ -2,34 +2,36 @@
 
   python sample.py "a red fox in the snow" --model PATH_OR_HUB_ID [--steps 20 --cfg 4.5 --seed 0]
 
-Without --cfg the model's own guidance scale is used (model_index.json "sana_jax", see
-sana_jax.pipeline.model_settings; 3.0 for the shipped demo model), else 4.5.
+Without --model, the demo model that ships inside the package. Without --cfg, the model's own guidance
+scale (model_index.json "sana_jax"; 3.0 for the demo model), else 4.5.
 
-Writes OUTPUT_DIR/0000.png, 0001.png, ... in prompt order, each with its prompt, seed, steps, cfg and
-model in the PNG's text metadata. Bad input ends with a one-line error and exit status 2.
+Writes OUTPUT_DIR/NNNN.png in prompt order, each with its prompt, seed, steps, cfg and model in the PNG's
+text metadata. Images already in OUTPUT_DIR are kept: numbering continues after the highest NNNN.png
+there, unless --overwrite starts again at 0000.png. Each PNG appears whole or not at all, also when the
+run is interrupted. Bad input ends with a one-line error and exit status 2.
 """
-import argparse
-import json
 import math
 import os
+import re
 import sys
 import time
+import unicodedata
 
+from sana_jax import files
+from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
-class UserError(Exception):
-  pass
-
-
-class Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit status 2 (argparse's default prints the usage too)
-    raise UserError(message)
+MAX_SIZE = 4096          # the released models' largest aspect-ratio bins
+MAX_STEPS = 1000         # the models' training timesteps
+MAX_IMAGES = 100_000     # images per run
+SEED_LIMIT = 2**64
+IMAGE_NAME = re.compile(r"(\d{4,})\.png")
 
 
 def parse_args(argv):
-  p = Parser(description="Sana text-to-image sampling (JAX).")
+  p = ArgumentParser(prog="sample.py", description="Sana text-to-image sampling (JAX).")
   p.add_argument("prompts", nargs="*", help="prompt(s); or use --prompt / --prompt-file")
   p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-  p.add_argument("--prompt-file", help="a text file with one prompt per line")
+  p.add_argument("--prompt-file", help="UTF-8 text, one prompt per line; '-' reads standard input")
   p.add_argument("--negative-prompt", default="")
   p.add_argument("--model", help="a diffusers-format Sana directory or a hub id (default: the shipped demo model)")
   p.add_argument("--height", type=int)
@@ -41,126 +43,132 @@ def parse_args(argv):
   p.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (0 = off)")
   p.add_argument("--pag-layers", default="0", help="comma-separated block indices for PAG (default: 0)")
   p.add_argument("--sampler", default=None, help="flow_dpm | flow_euler (default: the model's scheduler)")
-  p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+  p.add_argument("--seed", type=int, default=0, help="image i uses seed + i; any integer in [0, 2^64)")
   p.add_argument("--batch-size", type=int, default=1, help="prompts per model call")
   p.add_argument("--num-images-per-prompt", type=int, default=1)
   p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--output-dir", default="outputs")
+  p.add_argument("--overwrite", action="store_true", help="number images from 0000.png, replacing those there")
   return p.parse_args(argv)
 
 
 def gather_prompts(args):
   prompts = list(args.prompts) + list(args.prompt)
   if args.prompt_file:
-    if not os.path.isfile(args.prompt_file):
-      raise UserError(f"prompt file {args.prompt_file!r} does not exist")
-    with open(args.prompt_file, encoding="utf-8") as f:
-      prompts += [line.rstrip("\n") for line in f if line.strip()]
+    text = files.read_text(args.prompt_file, "--prompt-file")
+    prompts += [line for line in text.splitlines() if line.strip()]
   if not prompts:
-    raise UserError('no prompt given: python sample.py "a prompt" (or --prompt / --prompt-file)')
+    raise SanaError('no prompt given: python sample.py "a prompt" (or --prompt / --prompt-file)')
   return prompts
 
 
-def check_settings(args, model_dir):
-  """Everything checkable before loading weights, from the model's JSON configs."""
+def check_settings(args, configs, n_images):
+  """Everything checkable before loading weights, from the model's validated configs."""
   from sana_jax.sampling import SAMPLERS
-  if args.steps <= 0:
-    raise UserError(f"--steps {args.steps}: the number of inference steps must be positive")
+  if not 0 < args.steps <= MAX_STEPS:
+    raise SanaError(f"--steps {args.steps}: the number of inference steps must be from 1 to {MAX_STEPS}")
   if args.cfg is not None and (not math.isfinite(args.cfg) or args.cfg < 0):
-    raise UserError(f"--cfg {args.cfg}: guidance scale must be finite and non-negative")
+    raise SanaError(f"--cfg {args.cfg}: guidance scale must be finite and non-negative")
   if not math.isfinite(args.pag) or args.pag < 0:
-    raise UserError(f"--pag {args.pag}: perturbed-attention guidance scale must be finite and non-negative")
+    raise SanaError(f"--pag {args.pag}: perturbed-attention guidance scale must be finite and non-negative")
   try:
     args.pag_layers = tuple(int(v) for v in args.pag_layers.split(","))
   except ValueError:
-    raise UserError(f"--pag-layers {args.pag_layers!r}: expected block indices such as 8 or 7,8") from None
+    raise SanaError(f"--pag-layers {args.pag_layers[:40]!r}: expected block indices such as 8 or 7,8") from None
   if args.sampler is not None and args.sampler not in SAMPLERS:
-    raise UserError(f"--sampler {args.sampler!r}: expected one of {', '.join(sorted(SAMPLERS))}")
-  if args.batch_size <= 0 or args.num_images_per_prompt <= 0:
-    raise UserError("--batch-size and --num-images-per-prompt must be positive")
-  with open(os.path.join(model_dir, "vae", "config.json")) as f:
-    factor = 2 ** (len(json.load(f)["encoder_block_out_channels"]) - 1)
-  with open(os.path.join(model_dir, "transformer", "config.json")) as f:
-    dit = json.load(f)
-  native = dit.get("sample_size", 32) * factor
-  bad = [i for i in args.pag_layers if not 0 <= i < dit.get("num_layers", 0)]
+    raise SanaError(f"--sampler {args.sampler[:40]!r}: expected one of {', '.join(sorted(SAMPLERS))}")
+  for flag, value in (("--batch-size", args.batch_size), ("--num-images-per-prompt", args.num_images_per_prompt)):
+    if not 0 < value <= MAX_IMAGES:
+      raise SanaError(f"{flag} {value}: expected an integer from 1 to {MAX_IMAGES}")
+  if n_images > MAX_IMAGES:
+    raise SanaError(f"{n_images} images asked for; at most {MAX_IMAGES} per run")
+  if not 0 <= args.seed or args.seed + n_images > SEED_LIMIT:
+    raise SanaError(f"--seed {args.seed}: seeds (seed + image index) must lie in [0, 2^64)")
+  dit, factor = configs["transformer"], configs["vae"].spatial_compression
+  native = dit.sample_size * factor
+  bad = [i for i in args.pag_layers if not 0 <= i < dit.num_layers]
   if args.pag and bad:
-    raise UserError(f"--pag-layers: PAG layer(s) {bad} not among the model's {dit.get('num_layers')} blocks")
+    raise SanaError(f"--pag-layers: PAG layer(s) {bad[:8]} not among the model's {dit.num_layers} blocks")
   if args.aspect:
     try:
       w, h = (float(v) for v in args.aspect.split(":"))
       ratio = w / h
     except (ValueError, ZeroDivisionError):
-      raise UserError(f"--aspect {args.aspect!r}: expected W:H such as 16:9") from None
+      raise SanaError(f"--aspect {args.aspect[:40]!r}: expected W:H such as 16:9") from None
+    if not (math.isfinite(ratio) and 1 / 64 <= ratio <= 64 and w > 0):
+      raise SanaError(f"--aspect {args.aspect[:40]!r}: width and height must be positive, at most 64:1 apart")
     args.height = max(factor, round(native / math.sqrt(ratio) / factor) * factor)
     args.width = max(factor, round(native * math.sqrt(ratio) / factor) * factor)
-  args.height, args.width = args.height or native, args.width or native
+  args.height = native if args.height is None else args.height
+  args.width = native if args.width is None else args.width
   for name in ("height", "width"):
     value = getattr(args, name)
+    if value > MAX_SIZE:
+      raise SanaError(f"--{name} {value} is beyond the largest supported size, {MAX_SIZE}")
     if value <= 0 or value % factor:
-      raise UserError(f"--{name} {value} is not a positive multiple of {factor} (the model's spatial factor); "
-                      f"try {max(factor, value // factor * factor)} or {(value // factor + 1) * factor}")
-    if value > 4096:
-      raise UserError(f"--{name} {value} is beyond the largest supported size, 4096")
+      raise SanaError(f"--{name} {value} is not a positive multiple of {factor} (the model's spatial factor); "
+                      f"try {max(factor, value // factor * factor)} or {max(1, value // factor + 1) * factor}")
+
+
+def first_index(output_dir, overwrite):
+  """Where numbering starts: after the highest NNNN.png already in the directory, or 0 with --overwrite."""
+  if overwrite:
+    return 0
+  taken = [int(m.group(1)) for name in os.listdir(output_dir) if (m := IMAGE_NAME.fullmatch(name))]
+  return max(taken, default=-1) + 1
+
+
+def metadata_text(value):
+  """PNG text without control characters (a NUL would end a tEXt chunk; newlines are kept as spaces)."""
+  return "".join(" " if unicodedata.category(c) == "Cc" else c for c in str(value))
 
 
 def save_png(image, path, meta):
-  """Writes next to the target and renames, so a failure never leaves a half-written PNG."""
   from PIL.PngImagePlugin import PngInfo
   info = PngInfo()
   for key, value in meta.items():
-    info.add_text(key, str(value))
-  tmp = path + ".part"
-  image.save(tmp, format="PNG", pnginfo=info)
-  os.replace(tmp, path)
+    info.add_text(key, metadata_text(value))
+  files.write_image(path, image, pnginfo=info)
 
 
 def demo_model():
   """The shipped shapes model (sana_jax/assets/sana-shapes), found without importing JAX; None if absent."""
-  import importlib.util
-  spec = importlib.util.find_spec("sana_jax")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  path = os.path.join(list(spec.submodule_search_locations)[0], "assets", "sana-shapes")
+  path = os.path.join(os.path.dirname(os.path.abspath(files.__file__)), "assets", "sana-shapes")
   return path if os.path.exists(os.path.join(path, "model_index.json")) else None
 
 
+@cli_main
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   prompts = gather_prompts(args)
   if not args.model:
     args.model = demo_model()
     if args.model is None:
-      raise UserError("no --model given, and this install has no demo model (sana_jax/assets/sana-shapes)")
-  from sana_jax.errors import SanaError
-  from sana_jax.pipeline import resolve_model
-  try:
-    model_dir = resolve_model(args.model)
-  except SanaError as e:
-    raise UserError(str(e)) from None
-  if not os.path.exists(os.path.join(model_dir, "model_index.json")):
-    raise UserError(f"{args.model}: not a diffusers-format Sana directory (no model_index.json)")
-  check_settings(args, model_dir)
+      raise SanaError("no --model given, and this install has no demo model (sana_jax/assets/sana-shapes)")
+  from sana_jax.convert import pipelines
+  model_dir = pipelines.resolve_model(args.model)
+  check_settings(args, pipelines.check(model_dir), len(prompts) * args.num_images_per_prompt)
+  jobs = [(p, i) for p in prompts for i in range(args.num_images_per_prompt)]
+  files.output_directory(args.output_dir, "--output-dir", create=False)
 
   import jax
   import jax.numpy as jnp
   from tqdm import tqdm
 
-  from sana_jax import SanaPipeline
   from sana_jax.compile_cache import enable_compilation_cache
+  from sana_jax.pipeline import load_pipeline, prng_key
   enable_compilation_cache()
-  pipe = SanaPipeline.from_pretrained(model_dir, dtype=args.dtype, sampler=args.sampler)
+  pipe = load_pipeline(model_dir, dtype=args.dtype, sampler=args.sampler)
+  files.output_directory(args.output_dir, "--output-dir")
+  index = first_index(args.output_dir, args.overwrite)
   cfg = pipe.guidance_scale if args.cfg is None else args.cfg
-  jobs = [(p, i) for p in prompts for i in range(args.num_images_per_prompt)]
-  os.makedirs(args.output_dir, exist_ok=True)
   f = pipe.vae_scale_factor
-  first_call, later, later_images = None, 0.0, 0
-  index = 0
+  first_call, later, later_images, written = None, 0.0, 0, 0
   for start in tqdm(range(0, len(jobs), args.batch_size), desc="sampling", unit="batch"):
     batch = jobs[start:start + args.batch_size]
     seeds = [args.seed + start + k for k in range(len(batch))]
-    latents = jnp.stack([jax.random.normal(jax.random.key(s), (args.height // f, args.width // f,
-                                                                pipe.transformer.config.in_channels))
+    latents = jnp.stack([jax.random.normal(prng_key(s), (args.height // f, args.width // f,
+                                                         pipe.transformer.config.in_channels))
                          for s in seeds])
     began = time.perf_counter()
     images = pipe([p for p, _ in batch], negative_prompt=args.negative_prompt, height=args.height, width=args.width,
@@ -175,23 +183,12 @@ def main(argv=None):
       save_png(image, os.path.join(args.output_dir, f"{index:04d}.png"),
                dict(prompt=prompt, seed=seed, steps=args.steps, cfg=cfg, pag=args.pag, model=args.model,
                     sampler=pipe.sampler if args.sampler is None else args.sampler))
-      index += 1
+      index, written = index + 1, written + 1
   rate = later_images / later if later else len(jobs[:args.batch_size]) / first_call
-  print(f"wrote {index} image(s) to {args.output_dir}; first call (with compile) {first_call:.1f} s; "
-        f"{rate:.2f} images/s{'' if later else ' (one batch, compile included)'}")
+  print(f"wrote {written} image(s) to {args.output_dir} (last {index - 1:04d}.png); first call (with compile) "
+        f"{first_call:.1f} s; {rate:.2f} images/s{'' if later else ' (one batch, compile included)'}")
+  return 0
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    sys.exit(130)
-  except Exception as e:  # noqa: BLE001 - SanaError from deeper down is still the user's to fix
-    from sana_jax.errors import SanaError
-    if isinstance(e, SanaError):
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    raise
+  sys.exit(main())

@@ -5,25 +5,20 @@ directory (model_index.json with tokenizer, text_encoder, transformer, vae, sche
 Latents are NHWC.
 """
 import dataclasses
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sana_jax import aspect_ratio, parallel
+from sana_jax import aspect_ratio, parallel, registry
+from sana_jax.convert import pipelines
 from sana_jax.errors import SanaError
-from sana_jax.models.dcae import DCAE
-from sana_jax.models.dit import SanaTransformer
-from sana_jax.models.gemma import GemmaTextEncoder
 from sana_jax.sampling import SAMPLERS, denoise
-from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION, PromptEncoder, load_tokenizer
+from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION, PromptEncoder
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-SCHEDULERS = {"DPMSolverMultistepScheduler": "flow_dpm", "FlowMatchEulerDiscreteScheduler": "flow_euler"}
+DEFAULT_GUIDANCE_SCALE = 4.5  # diffusers' and the reference's
 
 
 @dataclasses.dataclass
@@ -31,41 +26,12 @@ class SanaPipelineOutput:
   images: object  # list of PIL images, or an array [B, H, W, 3] in [0, 1] ("np"), or latents ("latent")
 
 
-def resolve_model(path_or_id):
-  """A local directory as it is; anything else is taken for a hub id, fetched only when online."""
-  path = os.fspath(path_or_id)
-  if os.path.isdir(path):
-    return path
-  if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-    raise SanaError(f"model directory {path!r} does not exist")
-  try:
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path)
-  except Exception as e:  # noqa: BLE001 - offline, unknown id, no access: all the user's to fix
-    raise SanaError(f"cannot fetch model {path!r} from the hub: {str(e).splitlines()[0]}") from None
-
-
-TEXT_SETTINGS = ("max_sequence_length", "complex_human_instruction")
-DEFAULT_GUIDANCE_SCALE = 4.5  # diffusers' and the reference's
-
-
-def model_settings(path):
-  """Settings a pipeline directory overrides (model_index.json "sana_jax"); {} for official checkpoints.
-  The shipped demo model uses no complex human instruction, short captions, and its own default
-  guidance scale (the one its alignment scores best at)."""
-  with open(os.path.join(path, "model_index.json")) as f:
-    extra = json.load(f).get("sana_jax", {})
-  unknown = sorted(set(extra) - {*TEXT_SETTINGS, "guidance_scale"})
-  if unknown:
-    raise SanaError(f"{path}: model_index.json has unknown sana_jax setting(s) {unknown}")
-  if "complex_human_instruction" in extra:
-    extra["complex_human_instruction"] = tuple(extra["complex_human_instruction"] or ())
-  return extra
-
-
-def text_settings(path):
-  """The prompt-encoding part of `model_settings`."""
-  return {k: v for k, v in model_settings(path).items() if k in TEXT_SETTINGS}
+def load_pipeline(path, dtype="float32", **kwargs):
+  """The pipeline class model_index.json names (registry.PIPELINES), loaded from a diffusers-format
+  directory or hub id."""
+  path = pipelines.resolve_model(path)
+  cls = registry.pipeline_class(pipelines.read_model_index(path)["_class_name"], f"{path}/model_index.json")
+  return cls.from_pretrained(path, dtype, **kwargs)
 
 
 class SanaPipeline:
@@ -92,6 +58,7 @@ class SanaPipeline:
 
   @classmethod
   def from_pretrained(cls, path, dtype=jnp.float32, *, sampler=None, **kwargs):
+    """Loads a diffusers-format Sana directory (or hub id); keyword arguments override its settings."""
     components = {**cls.components_from_pretrained(path, dtype), **kwargs}  # the caller's settings win
     default_sampler = components.pop("sampler")
     return cls(**components, sampler=sampler or default_sampler)
@@ -100,32 +67,15 @@ class SanaPipeline:
   def components_from_pretrained(path, dtype=jnp.float32, *, transformer=True):
     """The pipeline's parts from a diffusers-format directory (or hub id), as constructor keywords;
     transformer=False leaves the DiT out (training samples with the model being trained)."""
-    path = resolve_model(path)
-    index_path = os.path.join(path, "model_index.json")
-    if not os.path.exists(index_path):
-      raise SanaError(f"{path}: no model_index.json; expected a diffusers-format Sana directory")
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
-      sched = json.load(f)
-    if sched.get("_class_name") not in SCHEDULERS:
-      raise SanaError(f"scheduler {sched.get('_class_name')!r} is not supported; expected one of {sorted(SCHEDULERS)}")
-    parts = dict(tokenizer=load_tokenizer(os.path.join(path, "tokenizer")),
-                 text_encoder=GemmaTextEncoder.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype),
-                 vae=DCAE.from_pretrained(os.path.join(path, "vae"), dtype=dtype),
-                 sampler=SCHEDULERS[sched["_class_name"]], flow_shift=sched.get("flow_shift", sched.get("shift", 3.0)),
-                 **model_settings(path))
-    if transformer:
-      parts["transformer"] = SanaTransformer.from_pretrained(os.path.join(path, "transformer"), dtype=dtype)
-    return parts
+    return pipelines.load_components(path, dtype, transformer=transformer)
 
   def save_pretrained(self, directory, dtype="float32", **kwargs):
     """Writes the pipeline in diffusers' format (model_index.json + components), loadable by diffusers'
     SanaPipeline and ours."""
-    from sana_jax.convert import export
-    export.save_pipeline(directory, transformer=nnx.merge(self._dit_graph, self._dit_state), vae=self.vae,
-                         text_encoder=self.text_encoder, tokenizer=self.tokenizer, flow_shift=self.flow_shift,
-                         scheduler=next(name for name, s in SCHEDULERS.items() if s == self.sampler), dtype=dtype,
-                         settings=self._non_default_settings(), **kwargs)
+    pipelines.save_pipeline(directory, transformer=nnx.merge(self._dit_graph, self._dit_state), vae=self.vae,
+                            text_encoder=self.text_encoder, tokenizer=self.tokenizer, flow_shift=self.flow_shift,
+                            scheduler=registry.scheduler_for(self.sampler), dtype=dtype,
+                            settings=self._non_default_settings(), **kwargs)
 
   def _non_default_settings(self):
     defaults = dict(max_sequence_length=300, complex_human_instruction=tuple(COMPLEX_HUMAN_INSTRUCTION),
@@ -174,9 +124,11 @@ class SanaPipeline:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
     f = self.vae_scale_factor
-    height = height or self.transformer.config.sample_size * f
-    width = width or self.transformer.config.sample_size * f
-    validate(height, width, num_inference_steps, guidance_scale, f)
+    height = self.transformer.config.sample_size * f if height is None else height
+    width = self.transformer.config.sample_size * f if width is None else width
+    validate(height, width, num_inference_steps, guidance_scale, f, num_images_per_prompt)
+    if output_type not in ("pil", "np", "latent"):
+      raise SanaError(f"output_type {output_type!r}; expected 'pil', 'np' or 'latent'")
     asked = (height, width)
     table = aspect_ratio.TABLE_FOR_SAMPLE_SIZE.get(self.transformer.config.sample_size)
     if use_resolution_binning and table:  # generate at the trained bin, resize back after decoding
@@ -190,11 +142,11 @@ class SanaPipeline:
     shape = (n, height // f, width // f, self.transformer.config.in_channels)
     if latents is None:
       seed = np.random.SeedSequence().entropy % 2**31 if seed is None else seed
-      latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+      latents = jax.random.normal(prng_key(seed), shape, jnp.float32)
     elif tuple(latents.shape) != shape:
       raise SanaError(f"latents of shape {tuple(latents.shape)}; expected {shape} (NHWC)")
-    if not math.isfinite(pag_scale) or pag_scale < 0:
-      raise SanaError(f"--pag {pag_scale}: perturbed-attention guidance scale must be finite and non-negative")
+    if not _is_number(pag_scale) or not math.isfinite(pag_scale) or pag_scale < 0:
+      raise SanaError(f"pag_scale {pag_scale!r}: perturbed-attention guidance scale must be finite and non-negative")
     layers = tuple(sorted(_layer_indices(pag_applied_layers, self.transformer.config.num_layers)))
     pag = pag_scale > 0 and bool(layers)
     latents = self._denoise(jnp.asarray(latents), embeds, mask, neg, neg_mask, guidance_scale, sampler,
@@ -234,19 +186,44 @@ def _layer_indices(layers, num_layers):
   layers = [layers] if isinstance(layers, (int, str)) else list(layers)
   out = set()
   for layer in layers:
-    index = int(str(layer).rsplit(".", 1)[-1]) if not isinstance(layer, int) else layer
+    tail = str(layer).rsplit(".", 1)[-1]
+    index = layer if isinstance(layer, int) else int(tail) if tail.isdigit() else -1
     if not 0 <= index < num_layers:
-      raise SanaError(f"PAG layer {layer!r} is not one of the model's {num_layers} blocks")
+      raise SanaError(f"pag_applied_layers: {layer!r} is not one of the model's {num_layers} blocks")
     out.add(index)
   return out
 
 
-def validate(height, width, steps, guidance_scale, factor):
-  """User errors in generation settings, each as a one-line SanaError."""
+MAX_SIZE = 16384           # pixels per side (the released models' largest bins are 4096)
+MAX_STEPS = 1000           # the models' training timesteps
+MAX_IMAGES_PER_PROMPT = 1024
+
+
+def _is_number(value):
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def validate(height, width, steps, guidance_scale, factor, num_images_per_prompt=1):
+  """User errors in generation settings, each as a one-line SanaError in the API's words."""
   for name, value in (("height", height), ("width", width)):
-    if not isinstance(value, int) or value <= 0 or value % factor:
-      raise SanaError(f"--{name} {value} is not a positive multiple of {factor} (the model's spatial factor)")
-  if not isinstance(steps, int) or steps <= 0:
-    raise SanaError(f"--steps {steps}: the number of inference steps must be a positive integer")
-  if not math.isfinite(guidance_scale) or guidance_scale < 0:
-    raise SanaError(f"--cfg {guidance_scale}: guidance scale must be finite and non-negative")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE or value % factor:
+      raise SanaError(f"{name} {value!r} is not a positive multiple of {factor} (the model's spatial factor) "
+                      f"up to {MAX_SIZE}")
+  if not isinstance(steps, int) or isinstance(steps, bool) or not 0 < steps <= MAX_STEPS:
+    raise SanaError(f"num_inference_steps {steps!r}: expected an integer from 1 to {MAX_STEPS}")
+  if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+    raise SanaError(f"guidance_scale {guidance_scale!r}: expected a finite, non-negative number")
+  if (not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool)
+      or not 0 < num_images_per_prompt <= MAX_IMAGES_PER_PROMPT):
+    raise SanaError(f"num_images_per_prompt {num_images_per_prompt!r}: expected an integer from 1 to "
+                    f"{MAX_IMAGES_PER_PROMPT}")
+
+
+def prng_key(seed):
+  """A PRNG key for any seed in [0, 2^64). jax.random.key alone wraps seeds of 2^32 and above around
+  silently (2^32 gives the key of 0); those fold their high half in instead."""
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+    raise SanaError(f"seed {seed!r}: expected an integer in [0, 2^64)")
+  seed = int(seed)
+  key = jax.random.key(seed & 0xFFFFFFFF)
+  return key if seed < 2**32 else jax.random.fold_in(key, seed >> 32)

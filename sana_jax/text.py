@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sana_jax.errors import SanaError
+from sana_jax.errors import SanaError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +29,23 @@ COMPLEX_HUMAN_INSTRUCTION = (
     "User Prompt: ",
 )
 STYLES = ("diffusers", "original")
+MAX_SEQUENCE_LENGTH = 4096  # Sana uses 300; Gemma-2 was trained on 8192 positions, the CHI included
 
 
 def load_tokenizer(path_or_id):
   """AutoTokenizer from a local directory (or a pipeline's tokenizer/); a hub id only if given and online."""
   import os
 
+  # transformers advises at import that PyTorch is missing: we only use its tokenizers
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   from transformers import AutoTokenizer
   path = os.fspath(path_or_id)
   if os.path.isdir(os.path.join(path, "tokenizer")):
     path = os.path.join(path, "tokenizer")
-  try:
-    return AutoTokenizer.from_pretrained(path)
-  except (OSError, ValueError) as e:
-    raise SanaError(f"cannot load a tokenizer from {path_or_id!r}: {str(e).splitlines()[0]}") from None
+  try:  # a local directory is never looked up on the hub
+    return AutoTokenizer.from_pretrained(path, local_files_only=os.path.isdir(path))
+  except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions for damaged files
+    raise SanaError(f"cannot load a tokenizer from {path_or_id}: {one_line(e, 200) or type(e).__name__}") from None
 
 
 class PromptEncoder:
@@ -52,8 +55,9 @@ class PromptEncoder:
                complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION, style="diffusers", reuse_prefix=True):
     if style not in STYLES:
       raise SanaError(f"prompt encoding style {style!r}; expected one of {STYLES}")
-    if max_sequence_length < 2:
-      raise SanaError(f"max_sequence_length must be at least 2, got {max_sequence_length}")
+    if not isinstance(max_sequence_length, int) or not 2 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+      raise SanaError(f"max_sequence_length {max_sequence_length!r}: expected an integer from 2 to "
+                      f"{MAX_SEQUENCE_LENGTH}")
     tokenizer.padding_side = "right"
     self.tokenizer, self.style, self.max_sequence_length = tokenizer, style, max_sequence_length
     self.chi = "\n".join(complex_human_instruction) if complex_human_instruction else ""

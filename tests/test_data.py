@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from sana_jax import data
-from sana_jax.data import hashing, images, pipeline, precompute, records, reencode
+from sana_jax.data import hashing, images, loader, precompute, records, reencode
 from sana_jax.data.plan import Plans
 from sana_jax.errors import SanaError
 
@@ -135,9 +135,9 @@ def test_bad_examples_are_refilled_and_counted():
   flaky = Flaky(source, bad)
 
   def run(p, n):
-    ds = pipeline.GlobalBatches(flaky, plans, process_index=p, process_count=n, collate=data.collate_latents,
+    ds = loader.GlobalBatches(flaky, plans, process_index=p, process_count=n, collate=data.collate_latents,
                                 caption_length=8, with_index=True)
-    return pipeline.iterate(ds, read_threads=1, prefetch=1)
+    return loader.iterate(ds, read_threads=1, prefetch=1)
   it = run(0, 1)
   batch = next(it)
   assert batch["latents"].shape[0] == 8 and not set(bad) & set(batch["index"].tolist())
@@ -382,6 +382,7 @@ def test_precompute_cli_with_a_tiny_model(tmp_path, capsys):
   diffusers = pytest.importorskip("diffusers")
   transformers = pytest.importorskip("transformers")
   from reference import byte_bpe_tokenizer
+
   from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION
   model = tmp_path / "model"
   tok = byte_bpe_tokenizer(list(COMPLEX_HUMAN_INSTRUCTION) + ["caption a", "long d"], 400)

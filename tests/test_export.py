@@ -13,15 +13,24 @@ import pytest
 import torch
 import transformers
 from flax import nnx, traverse_util
-
-import sana_jax
 from reference import byte_bpe_tokenizer, save_tiny_sana_pipeline
-from sana_jax.convert import diffusers_dcae, diffusers_dit, export, safetensors_io, table, transformers_gemma
-from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION
 from test_dcae_parity import CONFIGS as DCAE_CONFIGS
 from test_dcae_parity import make_reference as make_dcae
 from test_dit_parity import make_reference as make_dit
 from test_gemma_parity import make_reference as make_gemma
+
+import sana_jax
+from sana_jax.convert import (
+  diffusers_dcae,
+  diffusers_dit,
+  invert,
+  pipelines,
+  safetensors_io,
+  table,
+  transformers_gemma,
+  writing,
+)
+from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION
 
 
 def params(model):
@@ -115,7 +124,7 @@ def test_models_built_here_round_trip(tmp_path):
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                    query_pre_attn_scalar=16, sliding_window=4)
   dcae_cfg = sana_jax.DCAEConfig.from_dict(DCAE_CONFIGS["unshuffle_multiscale_rms"])
-  runtime_defaults = {k: getattr(sana_jax.SanaTransformerConfig(), k) for k in export.TRANSFORMER_OURS_ONLY}
+  runtime_defaults = {k: getattr(sana_jax.SanaTransformerConfig(), k) for k in diffusers_dit.OURS_ONLY}
   for cls, cfg, expected in [
       (sana_jax.SanaTransformer, dit_cfg, dataclasses.replace(dit_cfg, **runtime_defaults)),
       (sana_jax.GemmaTextEncoder, gemma_cfg, gemma_cfg), (sana_jax.DCAE, dcae_cfg, dcae_cfg)]:
@@ -150,7 +159,7 @@ def test_sharded_model_exports_the_same_weights(tmp_path):
   single = sana_jax.GemmaTextEncoder.from_pretrained(tmp_path)
   sharded = sana_jax.GemmaTextEncoder.from_pretrained(tmp_path, mesh=parallel.make_mesh(data=1, fsdp=4, tensor=2))
   assert len(sharded.layers.mlp.down_proj.kernel[...].sharding.device_set) == 8
-  a, b = export.state_dict(single), export.state_dict(sharded)
+  a, b = writing.state_dict(single), writing.state_dict(sharded)
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -186,40 +195,38 @@ def test_failed_save_leaves_previous_directory_whole(tmp_path, monkeypatch):
 
 def test_every_loader_transform_has_an_inverse():
   tables = (diffusers_dit.TABLE, diffusers_dcae.TABLE, transformers_gemma.TABLE)
-  fns = {fn for rules in tables for _, target, fn in rules if target is not None}
-  assert fns - set(export.INVERSES) == {diffusers_dit._patch_conv}  # needs the patch size: made per model
+  transforms = {t for rules in tables for _, target, t in rules if target is not None}
   rng = np.random.default_rng(0)
-  shapes = {table.conv1x1: (6, 5), table.conv_oihw: (3, 3, 4, 5), table.depthwise: (3, 3, 4),
-            table.glu_expand: (5, 2, 3), table.glu_depthwise: (3, 3, 2, 4), table.split_two: (2, 3),
-            diffusers_dit._adaln_kernel: (4, 6, 4), diffusers_dit._six: (6, 4), diffusers_dcae._grouped_1x1: (3, 4, 4),
-            table.linear: (3, 5), table.identity: (3,)}
-  for fn, inverse in export.INVERSES.items():
-    x = rng.standard_normal(shapes[fn])
-    assert np.array_equal(fn(inverse(x)), x), fn.__name__
-  x = rng.standard_normal((2 * 2 * 3, 5))
-  assert np.array_equal(diffusers_dit._patch_conv(export._unpatch_conv(2)(x)), x)
+  cfg = sana_jax.SanaTransformerConfig(patch_size=2)
+  shapes = {"conv1x1": (6, 5), "conv_oihw": (3, 3, 4, 5), "depthwise": (3, 3, 4), "glu_expand": (5, 2, 3),
+            "glu_depthwise": (3, 3, 2, 4), "split_two": (2, 3), "adaln_kernel": (4, 6, 4), "six": (6, 4),
+            "grouped_1x1": (3, 4, 4), "linear": (3, 5), "identity": (3,), "patch_conv": (2 * 2 * 3, 5)}
+  assert {t.name for t in transforms} == set(shapes)
+  for t in transforms:
+    x = rng.standard_normal(shapes[t.name])
+    assert np.array_equal(t.forward(t.inverse(x, cfg)), x), t.name
 
 
 def test_drifted_table_is_caught_at_export(tmp_path):
   """A rule whose name or transform no longer round-trips fails the export, naming the key."""
   make_gemma(tmp_path, sliding_window=4)
-  state = export._state(sana_jax.GemmaTextEncoder.from_pretrained(tmp_path))
+  state = invert.flat_state(sana_jax.GemmaTextEncoder.from_pretrained(tmp_path))
   rules = transformers_gemma.TABLE
-  entries = export.plan(state, rules, optional={r"model\.": False})
-  export.check_names(entries, rules)
-  swapped = [(p, t, table.identity if "mlp" in p else fn) for p, t, fn in rules]  # loader stops transposing
+  entries = invert.plan(state, rules, optional={r"model\.": False})
+  invert.check_names(entries, rules)
+  swapped = [(p, t, table.IDENTITY if "mlp" in p else tr) for p, t, tr in rules]  # loader stops transposing
   with pytest.raises(sana_jax.SanaError, match=r"mlp\.\w+_proj\.weight' would load through identity"):
-    export.check_names(entries, swapped)
-  renamed = [(p.replace("(gate|up|down)", "(gate|up|down_projection)"), t, fn) for p, t, fn in rules]
+    invert.check_names(entries, swapped)
+  renamed = [(p.replace("(gate|up|down)", "(gate|up|down_projection)"), t, tr) for p, t, tr in rules]
   with pytest.raises(sana_jax.SanaError, match=r"layers\.0\.mlp\.down_proj\.weight' matches 0 loader rules"):
-    export.check_names(entries, renamed)
+    invert.check_names(entries, renamed)
   with pytest.raises(ValueError, match="optional group"):
-    export.plan(state, rules)  # "model." prefix or not: the exporter must be told
+    invert.plan(state, rules)  # "model." prefix or not: the exporter must be told
 
 
 def test_scheduler_configs_match_diffusers():
-  dpm = export.scheduler_config("DPMSolverMultistepScheduler", flow_shift=4.0)
-  euler = export.scheduler_config("FlowMatchEulerDiscreteScheduler", flow_shift=6.0)
+  dpm = pipelines.scheduler_config("DPMSolverMultistepScheduler", flow_shift=4.0)
+  euler = pipelines.scheduler_config("FlowMatchEulerDiscreteScheduler", flow_shift=6.0)
   refs = {"DPMSolverMultistepScheduler": diffusers.DPMSolverMultistepScheduler(
               flow_shift=4.0, use_flow_sigmas=True, prediction_type="flow_prediction"),
           "FlowMatchEulerDiscreteScheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=6.0)}
@@ -228,7 +235,7 @@ def test_scheduler_configs_match_diffusers():
     assert set(public(ours)) <= set(public(ref.config))  # nothing diffusers would not know
     assert public(type(ref).from_config(ours).config) == public(ref.config)
   with pytest.raises(sana_jax.SanaError, match="scheduler"):
-    export.scheduler_config("DDIMScheduler")
+    pipelines.scheduler_config("DDIMScheduler")
 
 
 def tiny_pipeline(root):
@@ -241,8 +248,8 @@ def test_saved_pipeline_loads_in_diffusers_and_ours(tmp_path):
   ours = sana_jax.SanaPipeline.from_pretrained(tmp_path / "ref")
   kw = dict(height=32, width=32, num_inference_steps=2, seed=0, output_type="latent")
   before = np.asarray(ours("a red fox", **kw).images)
-  export.save_pipeline(tmp_path / "out", transformer=ours.transformer, vae=ours.vae, text_encoder=ours.text_encoder,
-                       tokenizer=tmp_path / "ref", scheduler="DPMSolverMultistepScheduler", flow_shift=3.0)
+  pipelines.save_pipeline(tmp_path / "out", transformer=ours.transformer, vae=ours.vae, text_encoder=ours.text_encoder,
+                          tokenizer=tmp_path / "ref", scheduler="DPMSolverMultistepScheduler", flow_shift=3.0)
 
   theirs = diffusers.SanaPipeline.from_pretrained(tmp_path / "out")
   for name in ("transformer", "vae", "text_encoder"):
@@ -259,9 +266,9 @@ def test_saved_pipeline_loads_in_diffusers_and_ours(tmp_path):
   np.testing.assert_array_equal(after, before)
 
   # a tokenizer object, the Euler scheduler and bf16 weights: both libraries read the choices back
-  export.save_pipeline(tmp_path / "euler", transformer=ours.transformer, vae=ours.vae, text_encoder=ours.text_encoder,
-                       tokenizer=ours.tokenizer, scheduler="FlowMatchEulerDiscreteScheduler", flow_shift=4.0,
-                       dtype="bfloat16")
+  pipelines.save_pipeline(tmp_path / "euler", transformer=ours.transformer, vae=ours.vae,
+                          text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
+                          scheduler="FlowMatchEulerDiscreteScheduler", flow_shift=4.0, dtype="bfloat16")
   theirs = diffusers.SanaPipeline.from_pretrained(tmp_path / "euler", torch_dtype=torch.bfloat16)
   assert isinstance(theirs.scheduler, diffusers.FlowMatchEulerDiscreteScheduler)
   assert theirs.scheduler.config.shift == 4.0 and theirs.transformer.dtype == torch.bfloat16

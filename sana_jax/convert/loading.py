@@ -1,35 +1,34 @@
 """The load path shared by the converters: config -> abstract model -> converted weights -> model."""
-import json
 import os
 
 import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from sana_jax import parallel
+from sana_jax import files, parallel
 from sana_jax.convert import safetensors_io
 from sana_jax.convert.table import convert
-from sana_jax.errors import SanaError
+from sana_jax.errors import SanaError, short
 
 
 def resolve_dir(path, subfolder):
   """A component directory (config.json + weights), or a pipeline directory holding it under `subfolder`."""
   path = os.fspath(path)
   if not os.path.isdir(path):
-    raise SanaError(f"model directory {path!r} does not exist")
-  if os.path.exists(os.path.join(path, "config.json")):
+    raise SanaError(f"model directory {path} does not exist")
+  if os.path.lexists(os.path.join(path, "config.json")):
     return path
-  sub = os.path.join(path, subfolder)
-  if os.path.exists(os.path.join(sub, "config.json")):
+  sub = files.inside(path, subfolder, "component")
+  if os.path.lexists(os.path.join(sub, "config.json")):
     return sub
   raise SanaError(f"{path}: no config.json (nor {subfolder}/config.json) found")
 
 
 def read_config(path, class_name=None):
-  with open(os.path.join(path, "config.json")) as f:
-    raw = json.load(f)
+  """config.json of a component directory, checked to describe `class_name` when given."""
+  raw = files.read_json(files.inside(path, "config.json", "config"), "config")
   if class_name and raw.get("_class_name", class_name) != class_name:
-    raise SanaError(f"{path}/config.json describes a {raw['_class_name']}, not a {class_name}")
+    raise SanaError(f"{path}/config.json describes a {short(raw['_class_name'])}, not a {class_name}")
   return raw
 
 
@@ -50,3 +49,4 @@ def load_weights(path, build, table, *, num_layers=0, mesh=None, rules=None,
             for k, v in flat.items()}
   nnx.replace_by_pure_dict(abstract, traverse_util.unflatten_dict(arrays))
   return nnx.merge(graphdef, abstract)
+

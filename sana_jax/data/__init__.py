@@ -23,10 +23,10 @@ import os
 
 import numpy as np
 
-from sana_jax.data import pipeline, records
+from sana_jax.data import loader, records
 from sana_jax.data.buckets import bucket_table
 from sana_jax.data.config import DEFAULTS, default_config, resolve
-from sana_jax.data.pipeline import GlobalBatches, TrainIterator, collate_images, collate_latents
+from sana_jax.data.loader import GlobalBatches, TrainIterator, collate_images, collate_latents
 from sana_jax.data.plan import Plans
 from sana_jax.data.sources import make_source
 from sana_jax.errors import SanaError
@@ -57,7 +57,7 @@ def make_train_iterator(cfg, *, global_batch=None, process_index=0, process_coun
   batches = GlobalBatches(source, plans, process_index=process_index, process_count=process_count,
                           max_refill=c.max_refill, collate=collate, caption_length=c.caption_length,
                           with_index=c.with_index)
-  return pipeline.iterate(batches, read_threads=c.read_threads, prefetch=c.prefetch, num_workers=c.num_workers,
+  return loader.iterate(batches, read_threads=c.read_threads, prefetch=c.prefetch, num_workers=c.num_workers,
                           worker_buffer_size=c.worker_buffer_size, scan_skipped=source.scan_skipped)
 
 

@@ -11,13 +11,13 @@ appears only when complete (written to OUT.partial, then renamed).
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 
-from sana_jax.data import pipeline, records
+from sana_jax import files
+from sana_jax.data import loader, records
 from sana_jax.data.buckets import bucket_table
 from sana_jax.data.plan import Plans
 from sana_jax.data.sources import FolderSource, TfdsImageSource
@@ -63,14 +63,8 @@ def precompute(images, out, *, encode_images, encode_captions, scaling_factor, b
   table = bucket_table(buckets, 1, spatial_compression)
   source = image_source(images, data_dir=data_dir, split=split, table=table, seed=seed, tau=tau)
   plans = Plans(source.bucket_ids, len(table), batch_size, seed, shuffle=False, drop_remainder=False)
-  batches = pipeline.GlobalBatches(source, plans, epochs=1, refill=False, collate=_keep_all, with_index=True)
-  tmp = out.rstrip("/") + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    os.makedirs(tmp)
-  except OSError as e:
-    raise SanaError(f"cannot create {tmp}: {e.strerror}") from None
-  try:
+  batches = loader.GlobalBatches(source, plans, epochs=1, refill=False, collate=_keep_all, with_index=True)
+  with files.atomic_directory(out) as tmp:  # --out appears whole, replacing a previous output, or not at all
     meta = _write(batches, source, tmp, encode_images, encode_captions, scaling_factor, all_captions,
                   np.dtype(latent_dtype), shard_size, read_threads)
     meta.update(source=images, resolution_buckets=[[h, w] for _, h, w in table], scaling_factor=float(scaling_factor),
@@ -78,14 +72,7 @@ def precompute(images, out, *, encode_images, encode_captions, scaling_factor, b
                 seed=seed, **(extra_metadata or {}))
     if null_text is not None:
       records.write_null_text(tmp, *null_text)
-    with open(os.path.join(tmp, records.METADATA), "w") as f:
-      json.dump(meta, f, indent=1)
-    if os.path.isdir(out):
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    files.write_json(os.path.join(tmp, records.METADATA), meta, indent=1)
   log.warning("%s: %d examples written, %d skipped", out, meta["count"], meta["skipped"])
   return meta
 
@@ -94,7 +81,7 @@ def _write(batches, source, directory, encode_images, encode_captions, scale, al
            shard_size, read_threads):
   writer = records.ShardWriter(directory, shard_size)
   seen, bad_keys, shapes = set(), [], {}
-  it = pipeline.iterate(batches, read_threads=read_threads, prefetch=2)
+  it = loader.iterate(batches, read_threads=read_threads, prefetch=2)
   start, done = time.time(), 0
   try:
     for _ in range(len(batches)):
@@ -141,18 +128,18 @@ def load_encoders(model, *, dtype="float32", max_sequence_length=300, batch_size
   import jax.numpy as jnp
   from flax import nnx
 
-  from sana_jax.models.dcae import DCAE
-  from sana_jax.models.gemma import GemmaTextEncoder
-  from sana_jax.pipeline import DTYPES, resolve_model, text_settings
-  from sana_jax.text import PromptEncoder, load_tokenizer
-  path = resolve_model(model)
-  dtype = DTYPES[dtype]
-  vae = DCAE.from_pretrained(os.path.join(path, "vae"), dtype=dtype)
+  from sana_jax import dtypes
+  from sana_jax.convert import diffusers_dcae, pipelines, transformers_gemma
+  from sana_jax.text import PromptEncoder
+  path = pipelines.resolve_model(model)
+  dtype = dtypes.resolve(dtype)
+  vae = diffusers_dcae.load(pipelines.component_dir(path, "vae"), dtype=dtype, param_dtype=dtype)
   # the directory's own prompt settings (the demo model: no CHI, short captions), as SanaPipeline reads them
-  settings = text_settings(path) if os.path.exists(os.path.join(path, "model_index.json")) else {}
+  settings = {k: v for k, v in pipelines.model_settings(path).items() if k in pipelines.TEXT_SETTINGS}
   settings.setdefault("max_sequence_length", max_sequence_length)
-  prompts = PromptEncoder(load_tokenizer(path), GemmaTextEncoder.from_pretrained(os.path.join(path, "text_encoder"),
-                                                                                 dtype=dtype), **settings)
+  text_encoder = transformers_gemma.load(pipelines.component_dir(path, "text_encoder"), dtype=dtype, param_dtype=dtype)
+  prompts = PromptEncoder(pipelines.load_tokenizer(pipelines.component_dir(path, "tokenizer")), text_encoder,
+                          **settings)
   graphdef, state = nnx.split(vae)
   encode = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode(x))
 

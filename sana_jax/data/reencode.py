@@ -9,11 +9,11 @@ caption. Like precompute, the output appears only when complete (OUT.partial, th
 """
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
 
+from sana_jax import files
 from sana_jax.data import records
 from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
@@ -30,10 +30,7 @@ def reencode(data, out, encode_captions, null_text=None, *, batch_size=256, extr
     raise SanaError("--out must differ from --data")
   if os.path.exists(out):
     raise SanaError(f"--out {out} exists; choose a new directory")
-  tmp = out.rstrip("/") + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  with files.atomic_directory(out) as tmp:  # --out appears whole or not at all
     writer, shape = records.ShardWriter(tmp), None
     for bucket in meta["buckets"]:
       for entry in bucket["files"]:
@@ -54,12 +51,7 @@ def reencode(data, out, encode_captions, null_text=None, *, batch_size=256, extr
     meta.update(buckets=writer.close(), **(shape or {}), **(extra_metadata or {}))
     if null_text is not None:
       records.write_null_text(tmp, *null_text)
-    with open(os.path.join(tmp, records.METADATA), "w") as f:
-      json.dump(meta, f, indent=1)
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    files.write_json(os.path.join(tmp, records.METADATA), meta, indent=1)
   return meta
 
 

@@ -27,6 +27,7 @@ import textwrap
 
 import numpy as np
 
+from sana_jax import files
 from sana_jax.demo import shapes
 from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
@@ -253,9 +254,7 @@ def write_grid(path, images, labels, correct=None, cols=8, scale=2):
     grid.paste(Image.fromarray(im).resize((tw, th), Image.NEAREST), (x + pad, y + pad))
     lines = textwrap.wrap(text, width=max(8, tw // 6))[:3]
     draw.multiline_text((x + pad, y + th + 2 * pad), "\n".join(lines), fill="black", font=font)
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  grid.save(tmp)
-  os.replace(tmp, path)
+  files.write_image(path, grid)
 
 
 def reference_generator(prompts, seed):
@@ -264,8 +263,8 @@ def reference_generator(prompts, seed):
 
 
 def pipeline_generator(model, *, steps, cfg, dtype, height=None, width=None):
-  import sana_jax
-  pipe = sana_jax.SanaPipeline.from_pretrained(model, dtype=dtype)
+  from sana_jax.pipeline import load_pipeline
+  pipe = load_pipeline(model, dtype=dtype)
 
   def generate(prompts, seed):
     return pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, seed=seed, height=height, width=width,
@@ -278,7 +277,8 @@ def pipeline_generator(model, *, steps, cfg, dtype, height=None, width=None):
 
 
 def parse_args(argv):
-  p = ArgumentParser(description="Prompt-image alignment of a Sana model on the shapes grammar.")
+  p = ArgumentParser(prog="python -m sana_jax.demo.evaluate",
+                     description="Prompt-image alignment of a Sana model on the shapes grammar.")
   p.add_argument("--model", help="a diffusers-format Sana directory (or hub id)")
   p.add_argument("--reference", action="store_true", help="score ground-truth renders instead of a model")
   p.add_argument("--n", type=int, default=200, help="number of prompts")
@@ -302,21 +302,19 @@ def parse_args(argv):
 
 def run(args):
   prompts = make_prompt_set(args.prompt_seed, args.n, args.heldout_fraction)
+  files.output_directory(args.out, "--out", create=False)  # before a model loads
   if args.reference:
     generate = reference_generator
   else:
     generate = pipeline_generator(args.model, steps=args.steps, cfg=args.cfg, dtype=args.dtype,
                                   height=args.height, width=args.width)
-  os.makedirs(args.out, exist_ok=True)
+  files.output_directory(args.out, "--out")
   report = evaluate(generate, prompts, seed=args.seed, batch_size=args.batch_size,
                     grid_path=os.path.join(args.out, "grid.png"))
   report["settings"] = {k: getattr(args, k) for k in ("model", "reference", "n", "heldout_fraction", "prompt_seed",
                                                      "steps", "seed", "height", "width", "dtype")}
   report["settings"]["cfg"] = getattr(generate, "guidance_scale", None)  # the one used: the model's, if not given
-  path = os.path.join(args.out, "report.json")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  os.replace(path + ".tmp", path)
+  files.write_json(os.path.join(args.out, "report.json"), report, indent=1)
   return report
 
 

@@ -12,12 +12,15 @@ Each stage writes WORK/<stage> and is skipped when that exists, so an interrupte
 Wall times go to WORK/recipe.json. The demo encodes prompts without the complex human instruction
 and with at most 16 tokens (stored in the pipeline's model_index.json).
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+
+from sana_jax import files
+from sana_jax.convert import writing
+from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXT_SETTINGS = dict(max_sequence_length=16, complex_human_instruction=())
@@ -49,8 +52,9 @@ def stage_data(out, a, work):
   from sana_jax.data import precompute
   from sana_jax.demo import shapes
   parts = os.path.join(work, "parts")
-  with open(os.path.join(parts, "model_index.json"), "w") as f:  # the prompt settings precompute reads
-    json.dump({"sana_jax": {k: list(v) if isinstance(v, tuple) else v for k, v in TEXT_SETTINGS.items()}}, f)
+  # the prompt settings precompute reads
+  files.write_json(os.path.join(parts, "model_index.json"),
+                   {"sana_jax": {k: list(v) if isinstance(v, tuple) else v for k, v in TEXT_SETTINGS.items()}})
   counts = {}
   for split, n in (("train", a.images), ("validation", 512)):
     folder = os.path.join(work, "images", split)
@@ -59,7 +63,7 @@ def stage_data(out, a, work):
                             "--resolution", "64", "--square", "--batch-size", "64",
                             "--max-sequence-length", str(TEXT_SETTINGS["max_sequence_length"])])
     if code:
-      raise SystemExit(f"error: precompute failed for {split}")
+      raise SanaError(f"precompute failed for {split} (its message is above)")
     counts[split] = n
   return counts
 
@@ -70,7 +74,7 @@ def stage_dit(out, a, work):
                             f"channels={a.latent_channels},batch={a.batch},layers={a.layers}"),
          "--workdir", out]
   if subprocess.run(cmd, cwd=ROOT).returncode:
-    raise SystemExit("error: train.py failed (its message is above)")
+    raise SanaError("train.py failed (its message is above)")
   with open(os.path.join(out, "metrics.jsonl")) as f:
     last = [json.loads(line) for line in f][-1]
   return dict(last_metrics=last)
@@ -78,14 +82,14 @@ def stage_dit(out, a, work):
 
 def stage_ship(out, a, work):
   import sana_jax
-  from sana_jax.convert import export
+  from sana_jax.convert import pipelines
   from sana_jax.training.export_model import export_transformer
   parts = os.path.join(work, "parts")
   export_transformer(os.path.join(work, "dit"), os.path.join(parts, "transformer"))
-  export.save_pipeline(out, transformer=sana_jax.SanaTransformer.from_pretrained(os.path.join(parts, "transformer")),
-                       vae=sana_jax.DCAE.from_pretrained(os.path.join(parts, "vae")),
-                       text_encoder=sana_jax.GemmaTextEncoder.from_pretrained(os.path.join(parts, "text_encoder")),
-                       tokenizer=os.path.join(parts, "tokenizer"), flow_shift=FLOW_SHIFT, settings=TEXT_SETTINGS)
+  pipelines.save_pipeline(out, transformer=sana_jax.SanaTransformer.from_pretrained(os.path.join(parts, "transformer")),
+                          vae=sana_jax.DCAE.from_pretrained(os.path.join(parts, "vae")),
+                          text_encoder=sana_jax.GemmaTextEncoder.from_pretrained(os.path.join(parts, "text_encoder")),
+                          tokenizer=os.path.join(parts, "tokenizer"), flow_shift=FLOW_SHIFT, settings=TEXT_SETTINGS)
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
   return dict(megabytes=round(size / 1e6, 2))
 
@@ -95,14 +99,15 @@ def stage_eval(out, a, work):
   code = evaluate.main(["--model", os.path.join(work, "ship"), "--n", str(a.eval_prompts), "--out", out,
                         "--steps", "20", "--cfg", str(a.cfg), "--prompt-seed", "1234"])
   if code:
-    raise SystemExit("error: evaluation failed")
+    raise SanaError("the evaluation stage failed")
   with open(os.path.join(out, "report.json")) as f:
     report = json.load(f)
   return {k: v for k, v in report.items() if not isinstance(v, list)}
 
 
+@cli_main
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(prog="python -m sana_jax.demo.recipe", description=__doc__.splitlines()[0])
   p.add_argument("--work", required=True)
   p.add_argument("--ship", default=None, help="also copy the finished pipeline here (e.g. sana_jax/assets/sana-shapes)")
   p.add_argument("--seed", type=int, default=0)
@@ -122,9 +127,9 @@ def main(argv=None):
   p.add_argument("--stop-after", default=None, choices=("parts/tokenizer", "parts/vae", "data", "dit", "ship", "eval"),
                  help="the last stage to run (e.g. data, to train elsewhere)")
   a = p.parse_args(argv)
-  os.makedirs(a.work, exist_ok=True)
+  files.output_directory(a.work, "--work")
   log_path = os.path.join(a.work, "recipe.json")
-  log = json.load(open(log_path)) if os.path.exists(log_path) else {}
+  log = files.read_json(log_path, "recipe log") if os.path.exists(log_path) else {}
   stages = [("parts/tokenizer", lambda o: stage_text(os.path.join(a.work, "parts"), a)),
             ("parts/vae", lambda o: stage_vae(os.path.join(a.work, "parts"), a)),
             ("data", lambda o: stage_data(o, a, a.work)),
@@ -140,18 +145,16 @@ def main(argv=None):
       start = time.time()
       result = run(out)
       log[name] = dict(result, seconds=round(time.time() - start, 1))
-      with open(log_path, "w") as f:
-        json.dump(log, f, indent=1)
+      files.write_json(log_path, log, indent=1)
       print(f"[recipe] {name}: {log[name]}", flush=True)
     if name == a.stop_after:
       break
   log["total_seconds"] = round(sum(v.get("seconds", 0) for v in log.values() if isinstance(v, dict)), 1)
-  with open(log_path, "w") as f:
-    json.dump(log, f, indent=1)
+  files.write_json(log_path, log, indent=1)
   if a.ship:
     import shutil
-    shutil.rmtree(a.ship, ignore_errors=True)
-    shutil.copytree(os.path.join(a.work, "ship"), a.ship)
+    with files.atomic_directory(a.ship, writing.holds_saved_model) as tmp:
+      shutil.copytree(os.path.join(a.work, "ship"), tmp, dirs_exist_ok=True)
   print(f"[recipe] done in {log['total_seconds'] / 60:.1f} min: {log_path}")
   return 0
 

@@ -24,8 +24,11 @@ import dataclasses
 import functools
 import os
 import re
+import sys
 
 import numpy as np
+
+from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
 IMAGE = 64
 BACKGROUND = (255, 255, 255)
@@ -189,7 +192,7 @@ def _object(colour, shape, size_class, x, y, d):
           "centre": [x + d / 2, y + d / 2]}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shape_mask(shape, d):
   """bool [d, d]: the shape filling a d x d box, sampled at pixel centres (no anti-aliasing)."""
   c = np.arange(d) + 0.5 - d / 2  # pixel-centre offsets from the box centre
@@ -235,26 +238,32 @@ def render_prompt(prompt, rng):
 def export_folder(directory, n, seed=0, split="train"):
   """Writes n examples as DIR/000000.png + .txt caption sidecars (the `folder:DIR` data source)."""
   from PIL import Image
-  os.makedirs(directory, exist_ok=True)
+
+  from sana_jax import files
+  files.output_directory(directory)
   for i in range(n):
     image, text, _ = generate(i, seed, split)
     stem = os.path.join(directory, f"{i:06d}")
-    Image.fromarray(image).save(stem + ".png")
-    with open(stem + ".txt", "w", encoding="utf-8") as f:
+    files.write_image(stem + ".png", Image.fromarray(image))
+    with files.atomic_write(stem + ".txt", "w", encoding="utf-8") as f:
       f.write(text + "\n")
 
 
+@cli_main
 def main(argv=None):
-  import argparse
-  p = argparse.ArgumentParser(description="Write shapes examples as an image folder with caption sidecars.")
+  p = ArgumentParser(prog="python -m sana_jax.demo.shapes",
+                     description="Write shapes examples as an image folder with caption sidecars.")
   p.add_argument("--out", required=True)
   p.add_argument("--n", type=int, default=20000)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--split", default="train", choices=["train", "validation"])
   args = p.parse_args(argv)
+  if args.n < 0:
+    raise SanaError(f"--n {args.n}: expected a non-negative number of examples")
   export_folder(args.out, args.n, args.seed, args.split)
   print(f"wrote {args.n} {args.split} examples to {args.out}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -15,12 +15,13 @@ either split (the "heldout" split of `shapes.py` is for evaluation and is not wr
 import dataclasses
 import io
 import json
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from sana_jax.demo import shapes
-from sana_jax.errors import SanaError, cli_main
+from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
 
 @dataclasses.dataclass
@@ -94,9 +95,8 @@ def build(data_dir, config="default", *, num_train=None, num_validation=None, se
 
 @cli_main
 def main(argv=None):
-  import argparse
-  import sys
-  p = argparse.ArgumentParser(description="Build the sana_shapes TFDS dataset (ArrayRecord).")
+  p = ArgumentParser(prog="python -m sana_jax.demo.tfds_shapes",
+                     description="Build the sana_shapes TFDS dataset (ArrayRecord).")
   p.add_argument("--data-dir", required=True)
   p.add_argument("--config", default="default", choices=sorted(CONFIGS))
   p.add_argument("--num-train", type=int)
@@ -110,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  sys.exit(main())

@@ -11,11 +11,10 @@ The architecture is the released DC-AE's, shrunk: no blocks at full resolution (
 pixel-unshuffled straight to 32 px, as the f32c32-in/mix models do), ResBlock stages at 32, 16 and 8 px.
 Flat colours and hard edges need no perceptual or adversarial loss: L1 + MSE reach 30 dB alone.
 """
-import argparse
 import dataclasses
 import functools
-import json
 import os
+import sys
 import time
 
 import jax
@@ -24,6 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sana_jax import files
+from sana_jax.errors import ArgumentParser, cli_main
 from sana_jax.models.dcae import DCAE, DCAEConfig
 
 
@@ -112,10 +113,11 @@ def evaluate(model, images):
 
 
 def train_dcae(images, steps, *, config=None, model=None, batch_size=32, lr=2e-3, warmup=100, seed=0,
-               eval_images=None, log_every=100, log=functools.partial(print, flush=True), decoder_only=False):
+               eval_images=None, log_every=100, log=None, decoder_only=False):
   """Trains a DC-AE (`model`, or a new one of `config`) on uint8 [N, 64, 64, 3] images (or an
-  iterator of batches); `decoder_only` fine-tunes the decoder of a trained `model` and keeps its
-  encoder and scaling factor (the latents a DiT was trained on do not move).
+  iterator of batches), logging through `log` (default: print); `decoder_only` fine-tunes the
+  decoder of a trained `model` and keeps its encoder and scaling factor (the latents a DiT was
+  trained on do not move).
 
   Returns (model with config.scaling_factor set, scaling_factor, metrics): metrics hold the loss
   curve (every `log_every` steps), wall time, and PSNR on `eval_images` when given. The
@@ -123,6 +125,7 @@ def train_dcae(images, steps, *, config=None, model=None, batch_size=32, lr=2e-3
   """
   if decoder_only and model is None:
     raise ValueError("decoder_only fine-tunes a trained model: pass `model`")
+  log = log or functools.partial(print, flush=True)
   model = model or DCAE(config or tiny_dcae_config(), rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model)
   tx = make_optimizer(steps, lr, warmup, params, decoder_only)
@@ -154,8 +157,9 @@ def shapes_images(n, seed=0, split="train"):
   return np.stack([shapes.generate(i, seed, split)[0] for i in range(n)])
 
 
+@cli_main
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m sana_jax.demo.train_dcae", description=__doc__.split("\n\n")[0])
+  p = ArgumentParser(prog="python -m sana_jax.demo.train_dcae", description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True, help="output directory; the model goes to OUT/vae")
   p.add_argument("--steps", type=int, default=2500)
   p.add_argument("--batch-size", type=int, default=32)
@@ -168,6 +172,7 @@ def main(argv=None):
   p.add_argument("--decoder-only", action="store_true",
                  help="with --resume: train only the decoder (the encoder, its latents and scaling factor stay)")
   args = p.parse_args(argv)
+  files.output_directory(args.out, "--out")
   if args.decoder_only and not args.resume:
     p.error("--decoder-only needs --resume DIR (a trained vae/ directory)")
   train = shapes_images(args.train_images, args.seed, "train")
@@ -178,11 +183,11 @@ def main(argv=None):
                                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                               eval_images=held, decoder_only=args.decoder_only)
   model.save_pretrained(os.path.join(args.out, "vae"))
-  with open(os.path.join(args.out, "dcae_metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=1)
+  files.write_json(os.path.join(args.out, "dcae_metrics.json"), metrics, indent=1)
   print(f"validation PSNR {metrics['eval_psnr_db']:.2f} dB, scaling_factor {scaling_factor:.4f}, "
         f"{metrics['train_seconds']:.0f} s; saved {os.path.join(args.out, 'vae')}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sana_jax.errors import SanaError
+from sana_jax import fields as F
+from sana_jax.errors import SanaError, short
 from sana_jax.kernels import linear_attention
 from sana_jax.models import layers as L
-from sana_jax.models.dit import MixFFN
 
 ACTIVATIONS = {"relu": jax.nn.relu, "relu6": jax.nn.relu6, "silu": jax.nn.silu, "swish": jax.nn.silu,
                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
@@ -56,29 +56,53 @@ class DCAEConfig:
     return (value,) * n if isinstance(value, str) else tuple(value)
 
   @classmethod
-  def from_dict(cls, d):
+  def from_dict(cls, d, source="autoencoder config"):
     d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
     d = {k: v for k, v in d.items() if not k.startswith("_")}
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-      raise SanaError(f"config.json: unknown autoencoder config key(s) {unknown}")
-    tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
-    return cls(**{k: tuples(v) for k, v in d.items()}).validated()
+      raise SanaError(f"{source}: unknown autoencoder config key(s) {short(unknown)}")
+    return cls(**d).validated(source)
 
-  def validated(self):
-    for name in ("encoder_block_types", "decoder_block_types"):
-      bad = set(self.per_stage(name)) - set(BLOCK_TYPES)
-      if bad:
-        raise SanaError(f"{name}: unknown block type(s) {sorted(bad)}; expected {BLOCK_TYPES}")
-    bad = set(self.per_stage("decoder_norm_types")) - set(NORM_TYPES)
-    if bad:
-      raise SanaError(f"decoder_norm_types: unknown {sorted(bad)}; expected {NORM_TYPES}")
-    bad = (set(self.per_stage("decoder_act_fns")) | {self.decoder_conv_act_fn}) - set(ACTIVATIONS)
-    if bad:
-      raise SanaError(f"unknown activation(s) {sorted(bad)}; expected {sorted(ACTIVATIONS)}")
-    if self.upsample_block_type not in ("pixel_shuffle", "interpolate"):
-      raise SanaError(f"upsample_block_type={self.upsample_block_type!r}; expected pixel_shuffle or interpolate")
+  def validated(self, source="autoencoder config"):
+    """This config with every field type- and range-checked (lists as tuples); per-stage fields must
+    have one entry per stage."""
+    self = dataclasses.replace(self, **F.validate(dataclasses.asdict(self), _CHECKS, source))
+    for side in ("encoder", "decoder"):
+      stages = len(getattr(self, f"{side}_block_out_channels"))
+      for name in [f"{side}_layers_per_block", f"{side}_qkv_multiscales", f"{side}_block_types"] + (
+          ["decoder_norm_types", "decoder_act_fns"] if side == "decoder" else []):
+        if len(self.per_stage(name)) != stages:
+          raise SanaError(f"{source}: {name} has {len(self.per_stage(name))} entries for {stages} stages")
+      for i, (kind, width) in enumerate(zip(self.per_stage(f"{side}_block_types"),
+                                            getattr(self, f"{side}_block_out_channels"))):
+        if kind == "EfficientViTBlock" and width % self.attention_head_dim:
+          raise SanaError(f"{source}: {side} stage {i} width {width} is not a multiple of attention_head_dim "
+                          f"{self.attention_head_dim}")
     return self
+
+
+def _names(options):
+  one = F.choice(*options)
+  return F.either(one, F.sequence(one, min_len=1, max_len=16))
+
+
+_STAGES = dict(min_len=1, max_len=10)  # 2^9 = 512x compression at most
+_CHECKS = {
+    "in_channels": F.integer(1, 64), "latent_channels": F.integer(1, 1024), "attention_head_dim": F.integer(1, 1024),
+    "encoder_block_types": _names(BLOCK_TYPES), "decoder_block_types": _names(BLOCK_TYPES),
+    "encoder_block_out_channels": F.sequence(F.integer(1, 1 << 14), **_STAGES),
+    "decoder_block_out_channels": F.sequence(F.integer(1, 1 << 14), **_STAGES),
+    "encoder_layers_per_block": F.sequence(F.integer(0, 64), **_STAGES),
+    "decoder_layers_per_block": F.sequence(F.integer(0, 64), **_STAGES),
+    "encoder_qkv_multiscales": F.sequence(F.sequence(F.integer(1, 15), max_len=8), **_STAGES),
+    "decoder_qkv_multiscales": F.sequence(F.sequence(F.integer(1, 15), max_len=8), **_STAGES),
+    "upsample_block_type": F.choice("pixel_shuffle", "interpolate"),
+    "downsample_block_type": F.text(64),  # diffusers: anything but pixel_unshuffle is a strided conv
+    "decoder_norm_types": _names(NORM_TYPES), "decoder_act_fns": _names(tuple(ACTIVATIONS)),
+    "encoder_out_shortcut": F.boolean, "decoder_in_shortcut": F.boolean,
+    "decoder_conv_act_fn": F.choice(*ACTIVATIONS), "scaling_factor": F.real(hi=1e6, above=0),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +231,7 @@ class GLUMBConv(nnx.Module):
   """x + RMSNorm(MixFFN(x)): the EfficientViT block's feed-forward (expansion 4)."""
 
   def __init__(self, c, **kw):
-    self.ffn = MixFFN(c, 4 * c, **kw)
+    self.ffn = L.MixFFN(c, 4 * c, **kw)
     self.norm = L.RMSNorm(c, "conv_out", eps=1e-5, affine=True, bias=True, **kw)
 
   def __call__(self, x):
@@ -390,8 +414,8 @@ class DCAE(nnx.Module):
 
   def save_pretrained(self, directory, dtype="float32", **kwargs):
     """Writes a diffusers `AutoencoderDC` directory (config.json + safetensors in `dtype`)."""
-    from sana_jax.convert import export
-    export.save_pretrained(self, directory, dtype, **kwargs)
+    from sana_jax.convert import writing
+    writing.save_pretrained(self, directory, dtype, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sana_jax import fields as F
 from sana_jax import parallel
-from sana_jax.errors import SanaError
+from sana_jax.errors import SanaError, short
 from sana_jax.kernels import linear_attention
 from sana_jax.kernels.linear_attention import IMPLEMENTATIONS
 from sana_jax.models import layers as L
@@ -66,28 +67,44 @@ class SanaTransformerConfig:
     return int(self.mlp_ratio * self.inner_dim)
 
   @classmethod
-  def from_dict(cls, d):
+  def from_dict(cls, d, source="transformer config"):
     """Reads a diffusers config dict or a config's `model` ConfigDict; `_`-prefixed metadata is
-    skipped, unknown keys are errors."""
+    skipped, unknown keys are errors, every field is type- and range-checked."""
     d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
     known = {f.name for f in dataclasses.fields(cls)}
     d = {k: v for k, v in d.items() if not k.startswith("_")}
-    if d.pop("dropout", 0.0):
-      raise SanaError("config.json: dropout > 0 is a training-time option sana-jax does not model")
+    if F.validate({"dropout": d.pop("dropout", 0.0)}, _CHECKS, source)["dropout"]:
+      raise SanaError(f"{source}: dropout > 0 is a training-time option sana-jax does not model")
     unknown = sorted(set(d) - known)
     if unknown:
-      raise SanaError(f"config.json: unknown transformer config key(s) {unknown}")
-    return cls(**d).validated()
+      raise SanaError(f"{source}: unknown transformer config key(s) {short(unknown)}")
+    return cls(**d).validated(source)
 
-  def validated(self):
-    if self.qk_norm not in (None, "rms_norm_across_heads"):
-      raise SanaError(f"qk_norm={self.qk_norm!r} is not used by Sana; expected None or 'rms_norm_across_heads'")
+  def validated(self, source="transformer config"):
+    """This config with every field type- and range-checked; a SanaError names the first bad one."""
+    self = dataclasses.replace(self, **F.validate(dataclasses.asdict(self), _CHECKS, source))
     if self.cross_attention_dim != self.inner_dim:
-      raise SanaError(f"cross_attention_dim {self.cross_attention_dim} must equal the model width "
+      raise SanaError(f"{source}: cross_attention_dim {self.cross_attention_dim} must equal the model width "
                       f"{self.inner_dim} (the text is projected to it before cross-attention)")
-    if self.remat not in REMAT_POLICIES:
-      raise SanaError(f"remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    if self.inner_dim > _MAX_WIDTH or self.ffn_hidden > 8 * _MAX_WIDTH:
+      raise SanaError(f"{source}: width {self.inner_dim} (feed-forward {self.ffn_hidden}) is beyond any Sana model")
     return self
+
+
+_MAX_WIDTH = 1 << 16
+_CHECKS = {  # every field a config file may set: type and range
+    "in_channels": F.integer(1, 4096), "out_channels": F.optional(F.integer(1, 4096)),
+    "num_attention_heads": F.integer(1, 1024), "attention_head_dim": F.integer(1, 1024),
+    "num_layers": F.integer(1, 512), "num_cross_attention_heads": F.integer(1, 1024),
+    "cross_attention_head_dim": F.integer(1, 1024), "cross_attention_dim": F.integer(1, _MAX_WIDTH),
+    "caption_channels": F.integer(1, _MAX_WIDTH), "mlp_ratio": F.real(hi=64, above=0),
+    "attention_bias": F.boolean, "sample_size": F.integer(1, 1024), "patch_size": F.integer(1, 16),
+    "norm_elementwise_affine": F.boolean, "norm_eps": F.real(hi=1, above=0),
+    "interpolation_scale": F.optional(F.real(hi=1000, above=0)), "guidance_embeds": F.boolean,
+    "guidance_embeds_scale": F.real(-1e6, 1e6), "qk_norm": F.choice(None, "rms_norm_across_heads"),
+    "timestep_scale": F.real(hi=1e6, above=0), "dropout": F.real(0, 1),
+    "linear_attention_eps": F.real(hi=1, above=0), "remat": F.choice(*REMAT_POLICIES), "scan_unroll": F.integer(1, 512),
+}
 
 
 class TimestepEmbedder(nnx.Module):
@@ -196,28 +213,6 @@ class CrossAttention(nnx.Module):
     return self.to_out(L.masked_attention(q, k, v, mask_bias).reshape(*x.shape[:2], -1))
 
 
-class MixFFN(nnx.Module):
-  """GLUMBConv: 1x1 expand to (value, gate) -> SiLU -> 3x3 depthwise -> value * SiLU(gate) -> 1x1.
-
-  The expanded channels are stored as [2, hidden] (value, gate) rather than [2 * hidden] so the
-  GLU split never crosses a tensor-parallel shard boundary.
-  """
-
-  def __init__(self, dim, hidden, *, rngs, dtype, param_dtype):
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.conv_inverted = L.Dense(dim, (2, hidden), ("embed", None, "mlp"), **kw)
-    self.conv_depth_kernel = L.param(rngs, nnx.initializers.normal(1 / 3), (3, 3, 2, hidden),
-                                     (None, None, None, "mlp"), param_dtype)
-    self.conv_depth_bias = L.param(rngs, L.zeros, (2, hidden), (None, "mlp"), param_dtype)
-    self.conv_point = L.Dense(hidden, dim, ("mlp", "embed"), use_bias=False, **kw)
-
-  def __call__(self, x):
-    """x: [B, H, W, D] -> [B, H, W, D]."""
-    h = jax.nn.silu(self.conv_inverted(x))  # [B, H, W, 2, hidden]
-    h = L.depthwise_conv(h, self.conv_depth_kernel[...], self.conv_depth_bias[...])
-    return self.conv_point(h[..., 0, :] * jax.nn.silu(h[..., 1, :]))
-
-
 class SanaBlock(nnx.Module):
   """adaLN-modulated linear self-attention, unmodulated cross-attention, modulated Mix-FFN."""
 
@@ -227,7 +222,7 @@ class SanaBlock(nnx.Module):
     self.attn1 = LinearSelfAttention(cfg, **kw)
     self.attn2 = CrossAttention(cfg, **kw)
     self.norm2 = L.LayerNorm(d, "embed", eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, **kw)
-    self.ff = MixFFN(d, cfg.ffn_hidden, **kw)
+    self.ff = L.MixFFN(d, cfg.ffn_hidden, **kw)
     self.scale_shift_table = L.param(rngs, nnx.initializers.normal(d ** -0.5), (6, d), (None, "embed"),
                                      param_dtype)
     self.dtype = dtype
@@ -366,8 +361,8 @@ class SanaTransformer(nnx.Module):
   def save_pretrained(self, directory, dtype="float32", **kwargs):
     """Writes a diffusers `SanaTransformer2DModel` directory (config.json + safetensors in `dtype`).
     linear_attention_eps, remat and scan_unroll have no diffusers field and are not saved."""
-    from sana_jax.convert import export
-    export.save_pretrained(self, directory, dtype, **kwargs)
+    from sana_jax.convert import writing
+    writing.save_pretrained(self, directory, dtype, **kwargs)
 
 
 def pure_forward(model):

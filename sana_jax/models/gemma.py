@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sana_jax.errors import SanaError
+from sana_jax import fields as F
+from sana_jax.errors import SanaError, short
 from sana_jax.models import layers as L
 
 
@@ -36,25 +37,30 @@ class GemmaConfig:
   scan_unroll: int = 2  # ours: layers per scan step
 
   @classmethod
-  def from_transformers(cls, d):
+  def from_transformers(cls, d, source="text encoder config"):
     """From a transformers Gemma2Config dict; generic transformers keys are ignored."""
     if d.get("model_type", "gemma2") != "gemma2":
-      raise SanaError(f"config.json describes a {d.get('model_type')!r} model, not gemma2")
+      raise SanaError(f"{source} describes a {short(d.get('model_type'))} model, not gemma2")
     fields = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in d.items() if k in fields}
     rope = d.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+      raise SanaError(f"{source}: rope_parameters must be an object")
     if "rope_theta" in rope:
       kw["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") != "default":
-      raise SanaError(f"rope_type {rope['rope_type']!r} is not used by Gemma-2; expected 'default'")
-    kw["layer_types"] = tuple(kw.get("layer_types") or ())
-    return cls(**kw).validated()
+      raise SanaError(f"{source}: rope_type {short(rope['rope_type'])} is not used by Gemma-2; expected 'default'")
+    kw["layer_types"] = kw.get("layer_types") or ()
+    return cls(**kw).validated(source)
 
-  def validated(self):
-    if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-      raise SanaError(f"hidden_activation {self.hidden_activation!r}; Gemma-2 uses gelu_pytorch_tanh")
+  def validated(self, source="text encoder config"):
+    """This config with every field type- and range-checked (lists as tuples)."""
+    self = dataclasses.replace(self, **F.validate(dataclasses.asdict(self), _CHECKS, source))
     if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
-      raise SanaError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+      raise SanaError(f"{source}: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise SanaError(f"{source}: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                      f"num_key_value_heads {self.num_key_value_heads}")
     return self
 
   @property
@@ -65,17 +71,18 @@ class GemmaConfig:
     return tuple(t == "sliding_attention" for t in types)
 
 
-class GemmaNorm(nnx.Module):
-  """RMSNorm scaled by (1 + weight), in float32 (Gemma stores weight - 1)."""
-
-  def __init__(self, dim, eps, *, rngs, dtype, param_dtype):
-    self.weight = L.param(rngs, L.zeros, (dim,), ("embed",), param_dtype)
-    self.eps, self.dtype = eps, dtype
-
-  def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(self.dtype)
+_CHECKS = {  # every field a config file may set: type and range
+    "vocab_size": F.integer(1, 1 << 20), "hidden_size": F.integer(1, 1 << 16),
+    "intermediate_size": F.integer(1, 1 << 18), "num_hidden_layers": F.integer(1, 512),
+    "num_attention_heads": F.integer(1, 1024), "num_key_value_heads": F.integer(1, 1024),
+    "head_dim": F.integer(1, 1024),
+    "rms_norm_eps": F.real(hi=1, above=0), "rope_theta": F.real(hi=1e12, above=0), "attention_bias": F.boolean,
+    "query_pre_attn_scalar": F.real(hi=1e9, above=0), "sliding_window": F.integer(1, 1 << 24),
+    "layer_types": F.sequence(F.choice("sliding_attention", "full_attention"), max_len=512),
+    "attn_logit_softcapping": F.optional(F.real(hi=1e9, above=0)),
+    "final_logit_softcapping": F.optional(F.real(hi=1e9, above=0)),
+    "hidden_activation": F.choice("gelu_pytorch_tanh", "gelu_tanh"), "scan_unroll": F.integer(1, 512),
+}
 
 
 class GemmaAttention(nnx.Module):
@@ -137,7 +144,7 @@ class GemmaLayer(nnx.Module):
   """Pre- and post-norms around both the attention and the MLP (Gemma-2's sandwich)."""
 
   def __init__(self, cfg: GemmaConfig, **kw):
-    norm = lambda: GemmaNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    norm = lambda: L.RMSNorm(cfg.hidden_size, "embed", eps=cfg.rms_norm_eps, weight_offset=1.0, **kw)
     self.input_layernorm, self.post_attention_layernorm = norm(), norm()
     self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
     self.self_attn = GemmaAttention(cfg, **kw)
@@ -164,7 +171,7 @@ class GemmaTextEncoder(nnx.Module):
       return GemmaLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     self.layers = make_layers(rngs)
-    self.norm = GemmaNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    self.norm = L.RMSNorm(cfg.hidden_size, "embed", eps=cfg.rms_norm_eps, weight_offset=1.0, **kw)
     self.dtype = dtype
 
   def __call__(self, input_ids, attention_mask=None, prefix=None):
@@ -222,8 +229,8 @@ class GemmaTextEncoder(nnx.Module):
 
   def save_pretrained(self, directory, dtype="float32", **kwargs):
     """Writes a transformers `Gemma2Model` directory (config.json + safetensors in `dtype`)."""
-    from sana_jax.convert import export
-    export.save_pretrained(self, directory, dtype, **kwargs)
+    from sana_jax.convert import writing
+    writing.save_pretrained(self, directory, dtype, **kwargs)
 
 
 class GemmaPrefix(NamedTuple):

@@ -69,18 +69,21 @@ class Dense(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * weight over the last axis, computed in float32 (diffusers' RMSNorm)."""
+  """x / rms(x) * weight over the last axis, computed in float32 (diffusers' RMSNorm).
 
-  def __init__(self, dim, axis_name, *, eps, affine=True, bias=False, rngs, dtype, param_dtype):
-    self.weight = param(rngs, ones, (dim,), (axis_name,), param_dtype) if affine else None
+  weight_offset=1: the scale is (1 + weight) and weight starts at zero, as Gemma stores it."""
+
+  def __init__(self, dim, axis_name, *, eps, affine=True, bias=False, weight_offset=0.0, rngs, dtype, param_dtype):
+    init = zeros if weight_offset else ones
+    self.weight = param(rngs, init, (dim,), (axis_name,), param_dtype) if affine else None
     self.bias = param(rngs, zeros, (dim,), (axis_name,), param_dtype) if affine and bias else None
-    self.eps, self.dtype = eps, dtype
+    self.eps, self.weight_offset, self.dtype = eps, weight_offset, dtype
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     if self.weight is not None:
-      y = y * self.weight[...].astype(jnp.float32)
+      y = y * (self.weight_offset + self.weight[...].astype(jnp.float32))
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
@@ -163,3 +166,25 @@ def _depthwise_grouped_conv(x, kernel, bias):
   if bias is not None:
     y = y + bias.astype(x.dtype).reshape(channels)
   return y.reshape(shape)
+
+
+class MixFFN(nnx.Module):
+  """GLUMBConv: 1x1 expand to (value, gate) -> SiLU -> 3x3 depthwise -> value * SiLU(gate) -> 1x1.
+
+  The expanded channels are stored as [2, hidden] (value, gate) rather than [2 * hidden] so the
+  GLU split never crosses a tensor-parallel shard boundary.
+  """
+
+  def __init__(self, dim, hidden, *, rngs, dtype, param_dtype):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.conv_inverted = Dense(dim, (2, hidden), ("embed", None, "mlp"), **kw)
+    self.conv_depth_kernel = param(rngs, nnx.initializers.normal(1 / 3), (3, 3, 2, hidden),
+                                   (None, None, None, "mlp"), param_dtype)
+    self.conv_depth_bias = param(rngs, zeros, (2, hidden), (None, "mlp"), param_dtype)
+    self.conv_point = Dense(hidden, dim, ("mlp", "embed"), use_bias=False, **kw)
+
+  def __call__(self, x):
+    """x: [B, H, W, D] -> [B, H, W, D]."""
+    h = jax.nn.silu(self.conv_inverted(x))  # [B, H, W, 2, hidden]
+    h = depthwise_conv(h, self.conv_depth_kernel[...], self.conv_depth_bias[...])
+    return self.conv_point(h[..., 0, :] * jax.nn.silu(h[..., 1, :]))
