@@ -2,6 +2,7 @@
 diffusers as for us."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,16 +25,27 @@ def test_demo_model_ships_in_the_package_and_is_small():
                                         "guidance_scale": 3.0}
 
 
+def readme_prompt():
+  """The prompt of README's first command (`python sample.py "..."`)."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    block = f.read().split("```")[1]
+  return re.search(r'sample\.py "([^"]+)"', block).group(1)
+
+
 @pytest.mark.slow
-def test_sample_py_defaults_to_the_demo_model(tmp_path):
-  out = subprocess.run([sys.executable, "sample.py", "a red circle above a blue square", "--output-dir", str(tmp_path),
-                        "--seed", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_readme_command_draws_its_prompt_right(tmp_path):
+  """sample.py's defaults (the demo model, its guidance scale, seed 0) on README's prompt: the image the
+  newcomer sees is right, and so are the next seeds' (the prompt is not a lucky draw)."""
+  from sana_jax.demo import evaluate
+  prompt = readme_prompt()
+  out = subprocess.run([sys.executable, "sample.py", prompt, "--output-dir", str(tmp_path), "--num-images-per-prompt",
+                        "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
-  image = Image.open(tmp_path / "0000.png")
-  assert image.size == (64, 64)
-  assert float(image.text["cfg"]) == 3.0  # the model's own guidance scale, no --cfg given
-  pixels = np.asarray(image.convert("RGB")).astype(int)
-  assert pixels.std() > 10  # not a blank or flat image
+  images = [Image.open(tmp_path / f"{i:04d}.png") for i in range(4)]
+  assert images[0].size == (64, 64) and images[0].text["seed"] == "0"
+  assert float(images[0].text["cfg"]) == 3.0  # the model's own guidance scale, no --cfg given
+  right = [evaluate.score(prompt, evaluate.detect(np.asarray(im.convert("RGB"))))["correct"] for im in images]
+  assert right[0] and sum(right) >= 3, right
 
 
 @pytest.mark.slow
