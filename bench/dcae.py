@@ -20,10 +20,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flax import nnx  # noqa: E402
+
+import sana_jax  # noqa: E402
 from bench.common import commit, emit, random_reference, time_alternating  # noqa: E402
 from bench.flops import count_macs  # noqa: E402
-from flax import nnx  # noqa: E402
-import sana_jax  # noqa: E402
 
 MEDIUM = dict(in_channels=3, latent_channels=32, attention_head_dim=32,
               encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
@@ -55,7 +56,8 @@ def run_cpu(repeats):
         fn(x)
     return run
 
-  for name, ours_fn, ref_fn, x, tx in (("decode", dec, ref.decode, latents, tz), ("encode", enc, ref.encode, images, ti)):
+  cases = (("decode", dec, ref.decode, latents, tz), ("encode", enc, ref.encode, images, ti))
+  for name, ours_fn, ref_fn, x, tx in cases:
     jx = jnp.asarray(x)
     times = time_alternating({"ours": lambda: ours_fn(jx).block_until_ready(), "diffusers": torch_call(ref_fn, tx)},
                              repeats)
@@ -67,6 +69,7 @@ def run_cpu(repeats):
 def run_gpu_case(res, repeats):
   """One f32c32 decode case in bf16; tiled (1024 px tiles, stride 896) above 2048 px for both."""
   import torch
+
   from configs import dcae
   cfg = dcae.get_config("name=f32c32-sana").model.to_dict()
   with tempfile.TemporaryDirectory() as tmp:

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import commit, emit, random_reference, time_alternating  # noqa: E402
 import sana_jax  # noqa: E402
+from bench.common import commit, emit, random_reference, time_alternating  # noqa: E402
 from sana_jax.models.dit import pure_forward  # noqa: E402
 
 MEDIUM = dict(in_channels=32, out_channels=32, num_attention_heads=12, attention_head_dim=32, num_layers=4,

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import commit, emit, time_alternating  # noqa: E402
 from sana_jax.kernels import linear_attention_reference  # noqa: E402
 from sana_jax.kernels.linear_attention import choose_implementation, timed_calls  # noqa: E402
-from sana_jax.kernels.linear_attention_pallas import linear_attention_pallas  # noqa: E402
 from sana_jax.kernels.linear_attention_gpu import linear_attention_gpu, make_gpu_plan  # noqa: E402
+from sana_jax.kernels.linear_attention_pallas import linear_attention_pallas  # noqa: E402
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM datasheet figures
 INNER = 10  # calls queued per timing: launch gaps overlap, as in a model

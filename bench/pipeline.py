@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sana_jax  # noqa: E402
 from bench.common import commit, emit, time_alternating  # noqa: E402
 from bench.text_encoder import build as build_text  # noqa: E402
-import sana_jax  # noqa: E402
 
 TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64)
@@ -24,8 +24,8 @@ DIT = dict(in_channels=32, out_channels=32, num_attention_heads=12, attention_he
            num_cross_attention_heads=6, cross_attention_head_dim=64, cross_attention_dim=384, caption_channels=256,
            sample_size=8)
 VAE = dict(in_channels=3, latent_channels=32, attention_head_dim=32,
-           encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"),
-           decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"),
+           encoder_block_types=("ResBlock",) * 2 + ("EfficientViTBlock",) * 4,
+           decoder_block_types=("ResBlock",) * 2 + ("EfficientViTBlock",) * 4,
            encoder_block_out_channels=(16, 32, 64, 64, 128, 128), decoder_block_out_channels=(16, 32, 64, 64, 128, 128),
            encoder_layers_per_block=(1, 1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1, 1),
            encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
@@ -40,7 +40,8 @@ def build(tmp):
   ref = diffusers.SanaPipeline(
       tokenizer=tok, text_encoder=text_pipe.text_encoder, transformer=diffusers.SanaTransformer2DModel(**DIT).eval(),
       vae=diffusers.AutoencoderDC(**VAE).eval(),
-      scheduler=diffusers.DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"))
+      scheduler=diffusers.DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
+                                                      prediction_type="flow_prediction"))
   ref.save_pretrained(os.path.join(tmp, "pipe"))
   return ref, sana_jax.SanaPipeline.from_pretrained(os.path.join(tmp, "pipe"))
 

@@ -15,11 +15,10 @@ import tempfile
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import commit, emit, time_alternating  # noqa: E402
 import sana_jax  # noqa: E402
+from bench.common import commit, emit, time_alternating  # noqa: E402
 from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION, PromptEncoder  # noqa: E402
 
 MEDIUM = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
@@ -52,7 +51,7 @@ def build(tmp, size, device, dtype_name):
     model = transformers.Gemma2Model(config).to(tdtype).eval()
   model.save_pretrained(tmp)
   pipe = diffusers.SanaPipeline(tokenizer=fast, text_encoder=model, vae=None, transformer=None, scheduler=None)
-  ours = sana_jax.GemmaTextEncoder.from_pretrained(tmp, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name])
+  ours = sana_jax.GemmaTextEncoder.from_pretrained(tmp, dtype=dtype_name)
   return fast, pipe, ours
 
 

@@ -92,11 +92,6 @@ def decide(times):
   return "pallas" if faster else "xla"
 
 
-def clear_decisions():
-  """Forget every measured choice (they are kept for the life of the process)."""
-  _DECISIONS.clear()
-
-
 def _device():
   return jax.default_backend(), jax.devices()[0].device_kind
 

@@ -11,7 +11,8 @@ import math
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sana_jax.errors import SanaError
 
@@ -80,14 +81,6 @@ def state_shardings(state, mesh, rules=None):
     names = names or (None,) * len(var.shape)
     return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh, rules))
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def shard_model(model, mesh, rules=None):
-  """Moves a model's parameters onto `mesh` in place, each split as its logical names say."""
-  state = nnx.state(model)
-  shardings = state_shardings(state, mesh, rules)
-  nnx.update(model, jax.device_put(state, shardings))
-  return model
 
 
 def spatial_sharding(mesh, ndim=4):

@@ -7,11 +7,12 @@ from diffusers.image_processor import PixArtImageProcessor
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 from diffusers.pipelines.sana.pipeline_sana import ASPECT_RATIO_4096_BIN
-
 from reference import rel_err
+
 from sana_jax import aspect_ratio
 
-TABLES = {512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN, 2048: ASPECT_RATIO_2048_BIN, 4096: ASPECT_RATIO_4096_BIN}
+TABLES = {512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN, 2048: ASPECT_RATIO_2048_BIN,
+          4096: ASPECT_RATIO_4096_BIN}
 
 
 @pytest.mark.parametrize("res", sorted(TABLES))

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from reference import nchw_to_nhwc, nhwc_to_nchw, rel_err, shift_off_init
 
 import sana_jax
-from reference import nchw_to_nhwc, nhwc_to_nchw, rel_err, shift_off_init
 
 CONFIGS = {
     # ResBlock + EfficientViT with multi-scale q/k/v, pixel (un)shuffle, RMSNorm everywhere
@@ -156,6 +156,7 @@ def test_height_split_decode_needs_less_memory_per_device(tmp_path):
   """The activations really are split: per-device scratch memory well under the single-device one."""
   import jax
   from flax import nnx
+
   from sana_jax import parallel
   make_reference(tmp_path, CONFIGS["unshuffle_multiscale_rms"])
   graphdef, state = nnx.split(sana_jax.DCAE.from_pretrained(tmp_path))

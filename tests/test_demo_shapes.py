@@ -51,7 +51,7 @@ def test_colours_exact_and_objects_apart():
 
 def test_captions_match_objects_and_all_forms_appear():
   forms = set()
-  for image, caption, objects in examples(600):
+  for _, caption, objects in examples(600):
     spec = shapes.parse(caption)
     assert spec is not None and shapes.caption(spec) == caption
     assert ev.score(spec, objects)["correct"], (caption, objects)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from reference import nchw_to_nhwc, nhwc_to_nchw, rel_err, shift_off_init
 
 import sana_jax
-from reference import nchw_to_nhwc, nhwc_to_nchw, rel_err, shift_off_init
 
 TINY = dict(in_channels=4, out_channels=4, num_attention_heads=3, attention_head_dim=32, num_layers=2,
             num_cross_attention_heads=2, cross_attention_head_dim=24, cross_attention_dim=96,

@@ -340,3 +340,22 @@ def test_prompt_file_from_a_pipe_and_process_substitution(tmp_path):
   assert r.stdout == b"two blue squares\n", r.stderr
   with pytest.raises(SanaError, match="does not exist"):
     files.read_text(str(tmp_path / "nope.txt"))
+
+
+def cli_modules():
+  """Every `python -m sana_jax...` command line: the modules with a __main__ block."""
+  package = os.path.join(ROOT, "sana_jax")
+  for folder, _, names in os.walk(package):
+    for name in sorted(names):
+      path = os.path.join(folder, name)
+      if name.endswith(".py") and 'if __name__ == "__main__":' in open(path, encoding="utf-8").read():
+        yield os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+
+
+@pytest.mark.parametrize("module", sorted(cli_modules()))
+def test_every_cli_fails_in_one_line(capsys, module):
+  """The same error path everywhere: an unknown flag is one line and status 2 (argparse's usage dump
+  included in none of them)."""
+  import importlib
+  status = importlib.import_module(module).main(["--no-such-flag"])
+  assert_one_line_error(status, capsys.readouterr().err, "")  # required arguments are named first

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from reference import rel_err, shift_off_init
 
 import sana_jax
-from reference import rel_err, shift_off_init
 
 TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=64)
@@ -70,6 +70,7 @@ def test_bfloat16_close_to_float32(tmp_path):
 def test_sharded_weights_same_hidden_states(tmp_path):
   import jax
   from jax.sharding import PartitionSpec as P
+
   from sana_jax import parallel
   make_reference(tmp_path, sliding_window=4)
   single = sana_jax.GemmaTextEncoder.from_pretrained(tmp_path)

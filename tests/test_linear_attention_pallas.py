@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
+from reference import rel_err
 
 import sana_jax
-from reference import rel_err
 from sana_jax.kernels import linear_attention, linear_attention_reference
 from sana_jax.kernels.linear_attention_gpu import linear_attention_gpu, make_gpu_plan
 from sana_jax.kernels.linear_attention_pallas import linear_attention_pallas
@@ -75,7 +75,8 @@ def test_gpu_kernels_in_interpret_mode(shape, block, chunk, dtype, tol_fwd, tol_
 def test_gpu_platform_dispatches_to_the_gpu_kernels():
   q = jax.ShapeDtypeStruct((1, 40, 4, 32), jnp.bfloat16)
   f = lambda q, k, v: linear_attention_pallas(q, k, v, 1e-15, 16, True, "gpu")
-  jaxpr = jax.make_jaxpr(lambda q, k, v, g: jax.vjp(f, q, k, v)[1](g))(q, q, q, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+  cotangent = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda q, k, v, g: jax.vjp(f, q, k, v)[1](g))(q, q, q, cotangent)
   calls = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
   assert len(calls) == 4 and all("linear_attention_gpu.py" in e.params["jaxpr"].debug_info.func_src_info for e in calls)
 
@@ -123,8 +124,8 @@ def test_lowers_for_tpu_and_gpu(platform, call):
 
 def test_dit_with_pallas_equals_xla_including_grad():
   cfg = sana_jax.SanaTransformerConfig(in_channels=4, out_channels=4, num_attention_heads=4, num_layers=2,
-                                       num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=128,
-                                       caption_channels=16)
+                                       num_cross_attention_heads=2, cross_attention_head_dim=32,
+                                       cross_attention_dim=128, caption_channels=16)
   # Random weights drawn in numpy into the abstract model: an eager init compiles one XLA
   # program per parameter shape, which alone took longer than the comparison on CPU.
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: sana_jax.SanaTransformer(cfg, rngs=nnx.Rngs(0))))

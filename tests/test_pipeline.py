@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from reference import byte_bpe_tokenizer, rel_err, save_tiny_sana_pipeline
 
 import sana_jax
-from reference import byte_bpe_tokenizer, rel_err, save_tiny_sana_pipeline
 from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION
 
 HEIGHT, WIDTH = 32, 64  # non-square (diffusers wants multiples of 32); 4x DC-AE -> 8 x 16 latents
@@ -54,7 +54,8 @@ def test_latents_and_images_match_diffusers(pipelines, steps, guidance):
 
 def test_euler_sampler_matches_diffusers(pipelines):
   ref, ours, _ = pipelines
-  euler = diffusers.SanaPipeline(**{**ref.components, "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)})
+  euler_scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+  euler = diffusers.SanaPipeline(**{**ref.components, "scheduler": euler_scheduler})
   latents = np.random.default_rng(1).standard_normal((1, HEIGHT // 4, WIDTH // 4, 8)).astype(np.float32)
   with torch.no_grad():
     theirs = euler("a blue house", height=HEIGHT, width=WIDTH, num_inference_steps=7, guidance_scale=4.5,
@@ -112,7 +113,8 @@ def test_cli_writes_pngs_with_metadata(pipelines, tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["--height", 30], "not a positive multiple of 4"), (["--steps", 0], "steps"), (["--cfg", "nan"], "finite"),
-    (["--cfg", -2], "non-negative"), (["--sampler", "ddim"], "sampler"), (["--prompt-file", "nope.txt"], "does not exist"),
+    (["--cfg", -2], "non-negative"), (["--sampler", "ddim"], "sampler"),
+    (["--prompt-file", "nope.txt"], "does not exist"),
     (["--width", 8192], "beyond the largest"), (["--aspect", "wide"], "aspect"), (["--pag", "-1"], "pag"),
     (["--pag", 2, "--pag-layers", 9], "PAG layer")])
 def test_cli_errors_are_one_line_exit_2(pipelines, tmp_path, args, match):
@@ -135,7 +137,8 @@ def test_text_keys_values_computed_once_per_generation(pipelines):
   latents = jnp.zeros((1, HEIGHT // 4, WIDTH // 4, 8))
 
   def macs(steps):
-    run = lambda s, x: ours._generate_impl(s, x, embeds, mask, neg, neg_mask, 4.5, sampler="flow_dpm", steps=steps, cfg=True)
+    run = lambda s, x: ours._generate_impl(s, x, embeds, mask, neg, neg_mask, 4.5, sampler="flow_dpm", steps=steps,
+                                           cfg=True)
     return count_macs(run, ours._dit_state, latents)
 
   per_step = macs(3) - macs(2)

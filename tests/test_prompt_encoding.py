@@ -1,13 +1,12 @@
 """PromptEncoder vs diffusers' SanaPipeline.encode_prompt on a tiny tokenizer + Gemma-2 saved to disk."""
 import diffusers
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from reference import byte_bpe_tokenizer, rel_err, shift_off_init
 
 import sana_jax
-from reference import byte_bpe_tokenizer, rel_err, shift_off_init
 from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION, PromptEncoder, load_tokenizer
 
 PROMPTS = [

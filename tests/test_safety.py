@@ -1,13 +1,12 @@
 """The safety check's mechanics, with a tiny random classifier (no real ShieldGemma weights here)."""
-import numpy as np
 import pytest
 import torch
 import transformers
+from test_prompt_encoding import reference  # noqa: F401 - the tokenizer + Gemma-2 fixture
 
 import sana_jax
 from sana_jax import safety
 from sana_jax.text import load_tokenizer
-from test_prompt_encoding import reference  # noqa: F401 - the tokenizer + Gemma-2 fixture
 
 
 def test_wordlist():

@@ -15,7 +15,8 @@ def fake_velocity(x, t):
 
 def reference(name, steps, shift, x):
   if name == "flow_dpm":
-    sched = diffusers.DPMSolverMultistepScheduler(flow_shift=shift, use_flow_sigmas=True, prediction_type="flow_prediction")
+    sched = diffusers.DPMSolverMultistepScheduler(flow_shift=shift, use_flow_sigmas=True,
+                                                  prediction_type="flow_prediction")
   else:
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
   sched.set_timesteps(steps)

@@ -21,7 +21,8 @@ def build(num_layers, **kw):
   state = nnx.state(model, nnx.Param)
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  nnx.update(model, jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]))
+  moved = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  nnx.update(model, jax.tree.unflatten(treedef, moved))
   return model
 
 

@@ -1,15 +1,14 @@
 """Parameters sharded over an (fsdp=4, tensor=2) mesh of 8 simulated CPU devices."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from reference import rel_err
+from test_dit_parity import make_reference, odd_inputs
 
 import sana_jax
 from sana_jax import parallel
 from sana_jax.models.dit import pure_forward
-from reference import rel_err
-from test_dit_parity import make_reference, odd_inputs
 
 WIDE = dict(num_attention_heads=4, num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=128,
             qk_norm="rms_norm_across_heads")
@@ -62,7 +61,8 @@ def test_logical_spec_skips_indivisible_and_reused_axes():
 
 def test_logical_spec_is_always_valid():
   """For any dims and logical names: no mesh axis used twice, every split dim divisible."""
-  from hypothesis import given, settings, strategies as st
+  from hypothesis import given, settings
+  from hypothesis import strategies as st
   mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
   names = st.sampled_from([None, "batch", "embed", "embed_out", "heads", "mlp", "layers", "caption"])
 
