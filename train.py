@@ -1,64 +1,68 @@
 """Train the Sana DiT.
 
   python train.py --config configs/tiny.py --workdir /tmp/tiny            # CPU smoke run, seconds per step
-  python train.py --config configs/sana_600m.py:res=512 --workdir gs://... --config.batch_size=1024
+  python train.py --config configs/sana_600m.py:res=512 --workdir /mnt/runs/s512 --config.batch_size=1024
   python train.py --config configs/tiny.py --workdir DIR --config.total_steps=50 --config.mesh.fsdp=2
 
-A run resumes from the last checkpoint in --workdir. Multi-host: set JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM / on a TPU pod, where JAX finds them).
+A run resumes from the newest checkpoint in --workdir that restores (a damaged one is moved aside to
+checkpoints/<step>.corrupt-<n> with a warning). The workdir is a local or mounted directory shared by
+all processes. Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run
+under SLURM / on a TPU pod, where JAX finds them). SIGTERM saves a checkpoint and exits (preemption).
+A bad flag or config value is one line `error: ...` and exit status 2.
 """
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sana_jax import errors
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples")
 
 
-def _fail(message):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _parse(argv):
-  """Flags and the config file; anything wrong with them is one line and exit status 2."""
+  """Flags and the config file. absl parses them before `main` runs, outside `errors.cli_main`, so a
+  bad flag, config file or override is reported here, the same way."""
   try:
     rest = flags.FLAGS(argv)
     config = _CONFIG.value
     if config is not None:
       config.get("total_steps")  # a config file that failed to load raises on first use
-  except Exception as e:  # noqa: BLE001 - bad flag, config file or override
-    cause = e.args[0] if isinstance(e, AttributeError) and e.args else None
-    if isinstance(cause, KeyError):  # an override of a key the config does not have
-      _fail(f"--config override: the config has no key {str(cause.args[0]).strip(chr(39))!r}")
-    _fail(_one_line(e))
-  if config is None or not _WORKDIR.value:
-    _fail("--config and --workdir are required")
+    if config is None or not _WORKDIR.value:
+      raise errors.SanaError("--config and --workdir are required")
+  except errors.SanaError as e:
+    sys.exit(errors.report(e))
+  except Exception as e:  # noqa: BLE001 - a bad flag, config file or override
+    sys.exit(errors.report(_flag_error(e)))
   return rest
 
 
-def _one_line(error):
-  """The first line of a flags error, and its last line where the first only introduces it."""
+def _flag_error(error):
+  """A flags or config-loading error as one line: its first line, with its last where the first only
+  introduces it; an override of a key the config lacks says so."""
+  cause = error.args[0] if isinstance(error, AttributeError) and error.args else None
+  if isinstance(cause, KeyError):
+    return f"--config override: the config has no key {str(cause.args[0]).strip(chr(39))!r}"
   lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-  first = lines[0]
-  if "Failed loading config file" in first:
+  if "Failed loading config file" in lines[0]:
     return f"cannot load --config: {lines[-1]}"
-  return f"{first} {lines[-1]}" if first.endswith(":") and len(lines) > 1 else first
+  return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
+@errors.cli_main
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-  from sana_jax.errors import SanaError
+  from sana_jax.training import config_checks
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  config_checks.check(config, workdir)  # before jax is imported and processes join: a bad value fails at once
   from sana_jax.compile_cache import enable_compilation_cache
   from sana_jax.training import distributed, loop
-  try:
-    distributed.maybe_initialize()
-    enable_compilation_cache()
-    loop.train(_CONFIG.value, _WORKDIR.value)
-  except SanaError as e:
-    _fail(e)
+  distributed.maybe_initialize()
+  enable_compilation_cache()
+  loop.train(config, workdir)
+  return 0
 
 
 if __name__ == "__main__":

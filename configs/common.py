@@ -63,13 +63,9 @@ def shrink_for_runlocal(model):
   return model
 
 
-def flow_shift(res):
-  """Sampling shift of the released schedulers: 6.0 at 4K, 3.0 otherwise (diffusers' conversion)."""
-  return 6.0 if res == 4096 else 3.0
-
-
 def sana_config(size, arg, **variant):
-  """The full config shared by the per-size files: the model, sampling, and a training run.
+  """The full config shared by the per-size files: the model and a training run. (Sampling settings
+  live with the released pipelines: their scheduler_config.json, read by sample.py.)
 
   Pretraining follows the paper's recipe (CAME lr 1e-4, clip 0.1, logit-normal timesteps); `init_from`
   (a diffusers transformer directory) turns it into fine-tuning at a lower learning rate.
@@ -80,14 +76,11 @@ def sana_config(size, arg, **variant):
   c.model = sana_transformer(size, arg.res, **variant)
   c.model.remat = arg.remat
   c.dtype = arg.dtype
-  c.resolution = arg.res
-  c.latent_size = arg.res // VAE_DOWNSAMPLE
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = {}  # overrides of sana_jax.parallel.DEFAULT_RULES: {logical name: mesh axis}
-  c.sampling = dict(steps=20, guidance_scale=4.5, flow_shift=flow_shift(arg.res))
   # precomputed latents + Gemma embeddings (python -m sana_jax.data.precompute); set data.source
-  data = dict(source="", latent_channels=32, latent_size=c.latent_size, caption_length=300, caption_channels=2304,
-              num_workers=8)
+  data = dict(source="", latent_channels=32, latent_size=arg.res // VAE_DOWNSAMPLE, caption_length=300,
+              caption_channels=2304, num_workers=8)
   finetune = bool(arg.init_from)
   training(c, batch_size=arg.batch, total_steps=arg.steps, lr=2e-5 if finetune else 1e-4,
            warmup_steps=500 if finetune else 2000, data=data, init_from=arg.init_from)

@@ -25,7 +25,8 @@ def _in_mix(stages, scaling_factor):
   return dict(
       encoder_block_types=("ResBlock",) * 3 + vit, decoder_block_types=("ResBlock",) * 3 + vit,
       encoder_block_out_channels=chans, decoder_block_out_channels=chans,
-      encoder_layers_per_block=(0, 4, 8) + (2,) * (stages - 3), decoder_layers_per_block=(0, 5, 10) + (2,) * (stages - 3),
+      encoder_layers_per_block=(0, 4, 8) + (2,) * (stages - 3),
+      decoder_layers_per_block=(0, 5, 10) + (2,) * (stages - 3),
       encoder_qkv_multiscales=((),) * stages, decoder_qkv_multiscales=((),) * stages,
       downsample_block_type="conv", upsample_block_type="interpolate",
       decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * (stages - 3),

@@ -27,8 +27,8 @@ def get_config(arg=""):
   c.sharding_rules = {}
   data = dict(source=f"array_record:{arg.latents}", latent_size=8, latent_channels=arg.channels,
               caption_length=16, caption_channels=arg.text_width, spatial_compression=8, num_workers=0)
-  common.training(c, batch_size=arg.batch, total_steps=arg.steps, lr=arg.lr, warmup_steps=min(200, arg.steps // 10), data=data,
-                  init_from=arg.init_from)
+  common.training(c, batch_size=arg.batch, total_steps=arg.steps, lr=arg.lr, warmup_steps=min(200, arg.steps // 10),
+                  data=data, init_from=arg.init_from)
   c.optim.update(name="adamw", b3=0.9999, clip_norm=1.0, schedule="cosine", end_lr_factor=0.1)
   c.objective.flow_shift = 1.0
   c.ema_decay = 0.999

@@ -37,6 +37,11 @@ def report(error):
   return 2
 
 
+def warn(message):
+  """Something the user should know that does not stop the run: one line `warning: ...` on stderr."""
+  print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def terminate_as_exit():
   """Inside: SIGTERM raises SystemExit(143) instead of killing the process, so `finally` blocks and

@@ -28,7 +28,7 @@ def param_count(model_cfg):
 def test_parameter_count_matches_reference(name, res):
   c = importlib.import_module(f"configs.{name}").get_config(f"res={res}")
   assert param_count(c.model) == EXPECTED[name]
-  assert c.latent_size == res // 32
+  assert c.model.sample_size == c.data.latent_size == res // 32
   assert (c.model.interpolation_scale is not None) == (res >= 2048)
 
 
@@ -44,7 +44,7 @@ def test_runlocal_builds_and_runs():
   from configs import sana_600m
   c = sana_600m.get_config("res=512,runlocal")
   model = sana_jax.SanaTransformer(sana_jax.SanaTransformerConfig.from_dict(c.model), rngs=nnx.Rngs(0))
-  x = jnp.ones((1, c.latent_size, c.latent_size, 32))
+  x = jnp.ones((1, c.model.sample_size, c.model.sample_size, 32))
   out = model(x, jnp.array([0.5]), jnp.ones((1, 5, c.model.caption_channels)), jnp.ones((1, 5)))
   assert out.shape == x.shape and bool(jnp.isfinite(out).all())
 
@@ -60,6 +60,7 @@ def test_dcae_configs_match_diffusers_parameter_count(name):
   """Our DC-AE built from configs/dcae.py has exactly diffusers' parameters (counted on torch's meta device)."""
   import diffusers
   import torch
+
   from configs import dcae
   model_cfg = dcae.get_config(f"name={name}").model.to_dict()
   with torch.device("meta"):
@@ -77,6 +78,7 @@ def test_demo_config_describes_the_shipped_dit():
   """configs/demo_shapes.py with the shipped settings builds exactly the architecture in the asset."""
   import json
   import os
+
   from configs import demo_shapes
   with open(os.path.join(os.path.dirname(sana_jax.__file__), "assets/sana-shapes/transformer/config.json")) as f:
     shipped = {k: v for k, v in json.load(f).items() if not k.startswith("_")}

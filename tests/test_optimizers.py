@@ -8,13 +8,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sana_jax
 from sana_jax.errors import SanaError
 from sana_jax.training.came import came
-from sana_jax.training.optimizers import (build_optimizer, decay_mask, ema_init, ema_update, path_names,
-                                          sana_factoring)
+from sana_jax.training.optimizers import build_optimizer, decay_mask, ema_init, ema_update, path_names, sana_factoring
 
 # ---------------------------------------------------------------------------------------------
 # CAME vs NumPy

@@ -7,10 +7,10 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 from PIL import Image
+from test_pipeline import pipelines  # noqa: F401 - the tiny diffusers pipeline saved to disk
 
 from configs import tiny
 from sana_jax.training import loop
-from test_pipeline import pipelines  # noqa: F401 - the tiny diffusers pipeline saved to disk
 
 
 def finetune_config(root, workdir_steps=2):
@@ -37,6 +37,7 @@ def test_finetune_starts_from_the_checkpoint_and_writes_samples(pipelines, tmp_p
     np.testing.assert_allclose(a, b, atol=1e-6)
   # and the run exports back to a diffusers transformer directory holding exactly those weights
   from flax import nnx
+
   import sana_jax
   from sana_jax.training.export_model import export_transformer
   assert export_transformer(str(tmp_path), str(tmp_path / "export")) == 2

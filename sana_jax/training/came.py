@@ -14,7 +14,8 @@ keep the parameter's rank (reduced axes have size 1): no reshapes, so sharded pa
 sharded statistics by plain propagation.
 """
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -2,26 +2,30 @@
 them), for SanaPipeline / diffusers or for fine-tuning with `init_from`.
 
   python -m sana_jax.training.export_model --workdir DIR --out DIR/transformer [--no-ema] [--dtype bfloat16]
+
+Without --step, the newest checkpoint that restores is exported (a damaged one is skipped with a
+warning, and left where it is: export never changes the run's directory). --out appears whole or not
+at all.
 """
-import argparse
-import json
 import os
 import sys
 
-from sana_jax.errors import SanaError, cli_main
+from sana_jax import errors, files
+from sana_jax.errors import SanaError
 
 
 def load_run_config(workdir):
   import ml_collections as mlc
+  if not os.path.isdir(workdir):
+    raise SanaError(f"--workdir {workdir} is not a directory")
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     raise SanaError(f"{workdir}: no config.json; not a train.py workdir")
-  with open(path) as f:
-    return mlc.ConfigDict(json.load(f))
+  return mlc.ConfigDict(files.read_json(path, "run config"))
 
 
 def export_transformer(workdir, out, *, ema=True, dtype="float32", step=None):
-  """Writes the checkpoint of `step` (the latest) to `out`; returns the step written."""
+  """Writes the checkpoint of `step` (the newest that restores) to `out`; returns the step written."""
   import jax
   from flax import nnx
 
@@ -29,27 +33,36 @@ def export_transformer(workdir, out, *, ema=True, dtype="float32", step=None):
   from sana_jax.training.checkpoint import Checkpointer
   from sana_jax.training.trainer import Trainer
   config = load_run_config(workdir)
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise SanaError(f"{workdir}: no checkpoints directory; nothing to export")
   trainer = Trainer(config, parallel.make_mesh(data=1, devices=jax.devices()[:1]))
-  ckpt = Checkpointer(workdir)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise SanaError(f"{workdir}: no checkpoint to export")
-  state, _ = ckpt.restore(trainer.abstract_state(), step)
-  ckpt.close()
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    if step is None:
+      restored = ckpt.restore_latest(trainer.abstract_state(), move_aside=False)
+      if restored is None:
+        raise SanaError(f"{workdir}: no checkpoint to export" + (" that restores" if ckpt.damaged_steps else ""))
+      step, state, _ = restored
+    else:
+      state, _ = ckpt.restore(trainer.abstract_state(), step)
+  finally:
+    ckpt.close()
   params = state.ema if ema and state.ema is not None else state.params
   nnx.merge(trainer.graphdef, params).save_pretrained(out, dtype=dtype)
   return step
 
 
-@cli_main
+@errors.cli_main
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = errors.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--no-ema", action="store_true", help="the raw weights even when the run kept an EMA")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   p.add_argument("--step", type=int, default=None)
   args = p.parse_args(argv)
+  if os.path.lexists(args.out) and not os.path.isdir(args.out):
+    raise SanaError(f"--out {args.out} exists and is not a directory")
   step = export_transformer(args.workdir, args.out, ema=not args.no_ema, dtype=args.dtype, step=args.step)
   print(f"wrote step {step} to {args.out}")
   return 0

@@ -1,8 +1,9 @@
 """The training loop: one readable function, `train(config, workdir)`.
 
-data -> global arrays -> jitted step -> (log, validate, sample, checkpoint). A run resumes from the
-last checkpoint in its workdir, saves on SIGTERM (preemption) and on its last step, and stops with a
-clear error when the loss stays non-finite.
+config checks -> data -> global arrays -> jitted step -> (log, validate, sample, checkpoint). A run
+resumes from the newest checkpoint in its workdir that restores (a damaged one is moved aside, see
+checkpoint.py), saves on SIGTERM (preemption) and on its last step, and stops with a clear error when
+the loss stays non-finite.
 """
 import json
 import os
@@ -13,43 +14,49 @@ import time
 import jax
 import numpy as np
 
-from sana_jax import parallel
+from sana_jax import files, parallel
 from sana_jax.errors import SanaError
+from sana_jax.training import config_checks
 from sana_jax.training.checkpoint import Checkpointer
-from sana_jax.training.runlog import RunLog
+from sana_jax.training.runlog import RunLog, warn
 from sana_jax.training.trainer import Trainer
 
 
 def train(config, workdir):
+  config_checks.check(config, workdir)  # before anything is built: a bad value costs a second
   from sana_jax import data
-  os.makedirs(workdir, exist_ok=True)
   mesh = parallel.mesh_from_config(config.mesh)
   rules = parallel.rules_from_config(config.get("sharding_rules"))
-  if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"] * config.get("grad_accum", 1)):
-    raise SanaError(f"batch_size {config.batch_size} does not split over data x fsdp = "
-                    f"{mesh.shape['data'] * mesh.shape['fsdp']} devices and grad_accum = {config.get('grad_accum', 1)}")
+  split = mesh.shape["data"] * mesh.shape["fsdp"] * config.get("grad_accum", 1)
+  if config.batch_size % split:
+    raise SanaError(f"config.batch_size={config.batch_size} does not split over data x fsdp = "
+                    f"{mesh.shape['data'] * mesh.shape['fsdp']} devices times config.grad_accum="
+                    f"{config.get('grad_accum', 1)}; make it a multiple of {split}")
   trainer = Trainer(config, mesh, rules)
-  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.get("async_checkpoints", True))
   batches = data.make_train_iterator(config.data, global_batch=config.batch_size, process_index=jax.process_index(),
                                      process_count=jax.process_count(), seed=config.seed, split="train")
   null_text = tuple(np.asarray(a) for a in data.null_text(config.data))
-
-  start = ckpt.latest_step()
-  if start is not None:
-    state, data_state = ckpt.restore(trainer.abstract_state())
-    batches.set_state(data_state)
-  else:
-    start = 0
-    state = trainer.state_from_params(load_init_params(config, trainer)) if config.get("init_from") else trainer.init()
-  if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-
-  log = RunLog(workdir, total_steps=config.total_steps, start_step=start)
-  validate = Validation(config, trainer) if config.eval.every else None
-  sampler = Sampler(config, trainer, log, workdir) if config.sample.every else None
-  stop = PreemptionFlag()
-  step, last_time, last_step = start, time.perf_counter(), start
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.get("async_checkpoints", True))
+  log = stop = None
   try:
+    restored = ckpt.restore_latest(trainer.abstract_state())
+    if restored is not None:
+      start, state, data_state = restored
+      batches.set_state(data_state)
+    else:
+      if ckpt.damaged_steps:
+        warn(f"no checkpoint in {ckpt.directory} restores; starting the run afresh")
+      start = 0
+      init_from = config.get("init_from")
+      state = trainer.state_from_params(load_init_params(config, trainer)) if init_from else trainer.init()
+    if jax.process_index() == 0:
+      files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+
+    log = RunLog(workdir, total_steps=config.total_steps, start_step=start)
+    validate = Validation(config, trainer) if config.eval.every else None
+    samples = SampleWriter(config, trainer, log, workdir) if config.sample.every else None
+    stop = PreemptionFlag()
+    step, last_time, last_step = start, time.perf_counter(), start
     while step < config.total_steps:
       state, metrics = trainer.step(state, trainer.put_batch(next(batches)), null_text)
       step += 1
@@ -60,14 +67,15 @@ def train(config, workdir):
         step_time = (now - last_time) / (step - last_step)
         last_time, last_step = now, step
         log.write(step, dict(metrics, step_time=step_time, examples_per_sec=config.batch_size / step_time,
-                             skipped_steps=int(jax.device_get(state.skipped)), bad_examples=data.skipped_count(batches)))
+                             skipped_steps=int(jax.device_get(state.skipped)),
+                             bad_examples=data.skipped_count(batches)))
         if nonfinite >= config.max_nonfinite_steps:
           raise SanaError(f"loss or gradients non-finite for {int(nonfinite)} steps in a row at step {step}; "
                           f"stopped, the last checkpoint ({ckpt.latest_step()}) holds the last good state")
       if validate and step % config.eval.every == 0:
         log.write(step, validate(state))
-      if sampler and step % config.sample.every == 0:
-        sampler(state, step)
+      if samples and step % config.sample.every == 0:
+        samples(state, step)
       preempted = stop.is_set()
       if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
         ckpt.save(step, state, batches.get_state(), config)
@@ -76,15 +84,18 @@ def train(config, workdir):
         break
   finally:
     ckpt.close()  # joins the in-flight save: a checkpoint is never left half-written by us
-    log.close()
-    stop.restore()
+    if log is not None:
+      log.close()
+    if stop is not None:
+      stop.restore()
   return state
 
 
 def load_init_params(config, trainer):
   """Float32 params of a diffusers SanaTransformer2DModel directory, for fine-tuning."""
-  from sana_jax.models.dit import SanaTransformer
   from flax import nnx
+
+  from sana_jax.models.dit import SanaTransformer
   model = SanaTransformer.from_pretrained(config.init_from, dtype=np.float32, mesh=trainer.mesh, rules=trainer.rules)
   params = nnx.to_pure_dict(nnx.state(model))
   want = jax.tree.map(lambda a: a.shape, trainer.abstract_params)
@@ -114,8 +125,9 @@ class Validation:
     return out
 
 
-class Sampler:
-  """PNGs for fixed prompts every `sample.every` steps, from the EMA params when kept.
+class SampleWriter:
+  """Preview images: PNGs of fixed prompts every `sample.every` steps (DIR/samples/stepNNNNNNN_i.png
+  and TensorBoard), from the EMA params when kept.
 
   The text encoder, tokenizer and DC-AE come from `sample.model_dir` (a diffusers-format directory);
   the transformer is the one being trained.
@@ -123,10 +135,7 @@ class Sampler:
 
   def __init__(self, config, trainer, log, workdir):
     from sana_jax.pipeline import SanaPipeline
-    c = config.sample
-    if not c.model_dir:
-      raise SanaError("sample.every is set but sample.model_dir is empty: it must name a diffusers-format "
-                      "directory with the tokenizer, text encoder and vae")
+    c = config.sample  # config_checks.check made sure model_dir is set
     self.components = SanaPipeline.components_from_pretrained(c.model_dir, transformer=False)
     self.trainer, self.pipe = trainer, None
     self.config, self.log, self.dir = c, log, os.path.join(workdir, "samples")
@@ -139,6 +148,7 @@ class Sampler:
       return
     if self.pipe is None:
       from flax import nnx
+
       from sana_jax.pipeline import SanaPipeline
       transformer = nnx.merge(self.trainer.graphdef, params)
       self.pipe = SanaPipeline(**self.components, transformer=transformer)
@@ -150,7 +160,7 @@ class Sampler:
     from PIL import Image
     for i, image in enumerate(out.images):
       pixels = (np.asarray(image) * 255).round().astype(np.uint8)
-      _write_png(os.path.join(self.dir, f"step{step:07d}_{i}.png"), Image.fromarray(pixels))
+      files.write_image(os.path.join(self.dir, f"step{step:07d}_{i}.png"), Image.fromarray(pixels))
       self.log.image(f"samples/{i}", step, pixels)
 
 
@@ -174,15 +184,3 @@ class PreemptionFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-
-def _write_json(path, value):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
-
-
-def _write_png(path, image):
-  tmp = path + ".tmp.png"
-  image.save(tmp)
-  os.replace(tmp, path)

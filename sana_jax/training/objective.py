@@ -9,11 +9,9 @@ diffusers' training scripts do; the sampler feeds the model 1000 s either way.
 import jax
 import jax.numpy as jnp
 
+from sana_jax.sampling.schedules import shifted
+
 NUM_TRAIN_TIMESTEPS = 1000
-
-
-def shift_sigma(sigma, shift):
-  return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def sample_sigmas(rng, batch, *, weighting="logit_normal", logit_mean=0.0, logit_std=1.0, flow_shift=1.0,
@@ -27,9 +25,9 @@ def sample_sigmas(rng, batch, *, weighting="logit_normal", logit_mean=0.0, logit
     raise ValueError(f"unknown timestep weighting {weighting!r}; expected 'logit_normal' or 'uniform'")
   if integer_timesteps:
     index = jnp.floor(u * NUM_TRAIN_TIMESTEPS)
-    sigma = shift_sigma(index / NUM_TRAIN_TIMESTEPS, flow_shift)
+    sigma = shifted(index / NUM_TRAIN_TIMESTEPS, flow_shift)
     return sigma, jnp.floor(sigma * NUM_TRAIN_TIMESTEPS)
-  sigma = shift_sigma(jnp.minimum(u, 1.0 - 1e-6), flow_shift)
+  sigma = shifted(jnp.minimum(u, 1.0 - 1e-6), flow_shift)
   return sigma, sigma * NUM_TRAIN_TIMESTEPS
 
 

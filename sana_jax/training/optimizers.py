@@ -131,6 +131,11 @@ def _resolve(optim) -> dict:
     raise SanaError(f"optim.lr_scaling={c['lr_scaling']!r}; expected None, 'linear' or 'sqrt'")
   if c["schedule"] not in ("constant", "cosine"):
     raise SanaError(f"optim.schedule={c['schedule']!r}; expected 'constant' or 'cosine'")
+  numbers = ("lr", "base_batch", "warmup_steps", "end_lr_factor", "b1", "b2", "b3", "clip_threshold",
+             "weight_decay") + (("clip_norm",) if c["clip_norm"] is not None else ())
+  for k in numbers:  # NaN passes every comparison below
+    if type(c[k]) is bool or not isinstance(c[k], (int, float)) or not math.isfinite(c[k]):
+      raise SanaError(f"optim.{k}={c[k]!r}; expected a finite number")
   if c["lr"] <= 0 or c["base_batch"] <= 0 or c["warmup_steps"] < 0:
     raise SanaError(f"optim: lr={c['lr']}, base_batch={c['base_batch']} must be > 0 and "
                     f"warmup_steps={c['warmup_steps']} >= 0")
@@ -185,8 +190,9 @@ def build_optimizer(optim, *, global_batch, total_steps):
 
 
 def ema_init(params):
-  """A float32 copy of the parameters: the EMA starts at the initial (or loaded) weights."""
-  return jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+  """A float32 copy of the parameters: the EMA starts at the initial (or loaded) weights. Always a
+  copy, never the same buffer (float32 params included): the train step donates both."""
+  return jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
 
 
 def ema_update(ema, params, decay):

@@ -1,9 +1,18 @@
 """Run logs, written by process 0 only: DIR/metrics.jsonl (one JSON object per logged step),
-TensorBoard event files under DIR/tensorboard, and a progress bar."""
+TensorBoard event files under DIR/tensorboard, a progress bar, and warnings on stderr."""
 import json
 import os
 
 import jax
+
+from sana_jax import errors, files
+from sana_jax.errors import SanaError
+
+
+def warn(message):
+  """errors.warn from process 0 only (every process knows the same thing)."""
+  if jax.process_index() == 0:
+    errors.warn(message)
 
 
 class RunLog:
@@ -51,12 +60,37 @@ def _plain(value):
   return value
 
 
+def _step_of(line):
+  """The integer "step" of a metrics line, or None for a line that is not one (torn, foreign, empty)."""
+  try:
+    record = json.loads(line.decode("utf-8"))
+  except (UnicodeDecodeError, ValueError, RecursionError):
+    return None
+  step = record.get("step") if isinstance(record, dict) else None
+  return step if type(step) is int else None
+
+
 def _drop_lines_after(path, step):
-  if not os.path.exists(path):
+  """Rewrites metrics.jsonl with the lines of steps <= `step` only. Lines that are not metrics records
+  (the torn last line of a run killed mid-write, or anything else) are dropped with a warning."""
+  if not os.path.lexists(path):
     return
-  with open(path) as f:
-    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  files.regular_file(path, "metrics log")
+  kept, damaged = [], 0
+  try:
+    with open(path, "rb") as f:
+      for line in f:
+        if not line.strip():
+          continue
+        logged = _step_of(line)
+        if logged is None:
+          damaged += 1
+        elif logged <= step:
+          kept.append(line.rstrip(b"\r\n") + b"\n")
+  except OSError as e:
+    raise SanaError(f"cannot read the metrics log {path}: {e.strerror}") from None
+  if damaged:
+    warn(f"{path}: dropped {damaged} line(s) that are not metrics records (a run killed mid-write leaves a "
+         f"torn last line)")
+  with files.atomic_write(path) as f:
     f.writelines(kept)
-  os.replace(tmp, path)

@@ -14,12 +14,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sana_jax import parallel
-from sana_jax.errors import SanaError
+from sana_jax import dtypes, parallel
 from sana_jax.models.dit import SanaTransformer, SanaTransformerConfig
 from sana_jax.training import objective, optimizers
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @flax.struct.dataclass
@@ -37,9 +34,7 @@ class Trainer:
 
   def __init__(self, config, mesh, rules=None):
     self.config, self.mesh, self.rules = config, mesh, rules
-    if config.dtype not in DTYPES:
-      raise SanaError(f"config.dtype={config.dtype!r}; expected one of {sorted(DTYPES)}")
-    self.compute_dtype = DTYPES[config.dtype]
+    self.compute_dtype = dtypes.resolve(config.dtype, "config.dtype")
     self.model_cfg = SanaTransformerConfig.from_dict(config.model)
     make = lambda: SanaTransformer(self.model_cfg, rngs=nnx.Rngs(config.seed), dtype=self.compute_dtype,
                                    param_dtype=jnp.float32, attention_impl=config.get("attention_impl", "xla"))
@@ -59,7 +54,7 @@ class Trainer:
   # ---- state --------------------------------------------------------------------------------------
 
   def _new_state(self, params):
-    ema = jax.tree.map(jnp.copy, params) if self.config.get("ema_decay", 0) else None
+    ema = optimizers.ema_init(params) if self.config.get("ema_decay", 0) else None
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=self.tx.init(params), ema=ema, nonfinite=zero, skipped=zero)
 

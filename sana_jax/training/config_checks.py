@@ -1,0 +1,86 @@
+"""Every value of a training config checked before any work: `check(config, workdir)`.
+
+train.py calls it before joining other processes, `loop.train` before it builds the mesh, data or
+model, so a bad value costs a second, not a compile. Errors name the key as the config spells it
+(`config.checkpoint_every`) and are one short line. A value of the wrong type given on the command
+line (`--config.total_steps=abc`) is already refused by ml_collections; NaN and infinities are caught
+here. What needs the devices (the batch split over the mesh) is checked where the mesh is built.
+"""
+import math
+import os
+
+from sana_jax import dtypes, files
+from sana_jax import fields as F
+from sana_jax.errors import SanaError, short
+
+MAX_STEPS = 2**31 - 1  # the train state counts steps in int32
+WEIGHTINGS = ("logit_normal", "uniform")
+
+
+def check(config, workdir):
+  """SanaError for the first bad value; creates `workdir` (and its parents) when all is well."""
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+    raise SanaError(f"workdir {workdir} exists and is not a directory")  # created at the end, when all is well
+
+  def at_least(key, lo, default=None):
+    return F.integer(lo, MAX_STEPS)(_get(config, key, default), f"config.{key}")
+
+  total_steps = at_least("total_steps", 1)
+  at_least("log_every", 1)
+  at_least("checkpoint_every", 1)
+  at_least("keep_checkpoints", 1)
+  at_least("max_nonfinite_steps", 1)
+  batch_size = at_least("batch_size", 1)
+  grad_accum = at_least("grad_accum", 1, 1)
+  if batch_size % grad_accum:
+    raise SanaError(f"config.batch_size={batch_size} does not split into config.grad_accum={grad_accum} "
+                    f"microbatches")
+  F.integer(-MAX_STEPS, MAX_STEPS)(config.get("seed", 0), "config.seed")
+  F.boolean(config.get("async_checkpoints", True), "config.async_checkpoints")
+
+  ema = F.real(0, 1)(config.get("ema_decay", 0.0), "config.ema_decay")
+  if ema >= 1:
+    raise SanaError(f"config.ema_decay = {short(ema)}: expected a number in [0, 1) (0 keeps no EMA)")
+
+  o = config.objective
+  F.choice(*WEIGHTINGS)(o.get("weighting"), "config.objective.weighting")
+  F.real()(o.get("logit_mean", 0.0), "config.objective.logit_mean")
+  F.real(above=0)(o.get("logit_std", 1.0), "config.objective.logit_std")
+  F.real(above=0)(o.get("flow_shift", 1.0), "config.objective.flow_shift")
+  F.real(0, 1)(o.get("caption_dropout", 0.0), "config.objective.caption_dropout")
+  F.boolean(o.get("integer_timesteps", False), "config.objective.integer_timesteps")
+
+  lr = config.optim.get("lr")
+  if type(lr) is bool or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+    raise SanaError(f"config.optim.lr = {short(lr, 40)}: expected a finite number > 0")
+
+  if at_least("eval.every", 0, 0):
+    at_least("eval.batches", 1)
+    F.sequence(F.real(0, 1), min_len=1)(config.eval.get("sigmas"), "config.eval.sigmas")
+  if at_least("sample.every", 0, 0):
+    s = config.sample
+    if not s.get("model_dir"):
+      raise SanaError("config.sample.every is set but config.sample.model_dir is empty: it names a "
+                      "diffusers-format directory with the tokenizer, text encoder and vae")
+    at_least("sample.steps", 1)
+    F.real()(s.get("guidance_scale"), "config.sample.guidance_scale")
+    F.sequence(F.text(), min_len=1)(tuple(s.get("prompts") or ()), "config.sample.prompts")
+
+  # the checks above import nothing heavy; these two need jax
+  from sana_jax.training import optimizers
+  try:
+    optimizers.build_optimizer(config.optim, global_batch=batch_size, total_steps=total_steps)
+  except SanaError as e:
+    raise SanaError(f"config.{e}") from None  # its messages start with the key: "optim.name=..."
+  F.choice(*dtypes.DTYPES)(config.get("dtype"), "config.dtype")
+
+  files.output_directory(workdir, "workdir")
+
+
+def _get(config, dotted, default):
+  """config["a"]["b"] for "a.b", or `default` where a level is missing."""
+  node = config
+  *parents, key = dotted.split(".")
+  for name in parents:
+    node = node.get(name) if node is not None else None
+  return default if node is None else node.get(key, default)
