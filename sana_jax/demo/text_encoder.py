@@ -22,11 +22,10 @@ CHI's words too, and the LM is pretrained on captions after BOS alone and after 
 weighted, so hidden states carry word identity and order in either mode. The DiT must be trained and
 sampled in the same mode.
 """
-import argparse
 import functools
-import json
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -35,7 +34,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sana_jax import files
 from sana_jax.demo import shapes
+from sana_jax.errors import ArgumentParser, cli_main
 from sana_jax.models.gemma import GemmaConfig, GemmaTextEncoder
 from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION, load_tokenizer
 
@@ -88,11 +89,7 @@ def _set_tokenizer_class(directory, name):
   """transformers 5 writes its new backend name, which transformers 4 (and diffusers on it) cannot
   resolve; the old name loads the same tokenizer.json in both."""
   path = os.path.join(directory, "tokenizer_config.json")
-  with open(path, encoding="utf-8") as f:
-    config = json.load(f)
-  config["tokenizer_class"] = name
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=2)
+  files.write_json(path, {**files.read_json(path, "tokenizer config"), "tokenizer_class": name})
 
 
 def tiny_gemma_config(vocab_size):
@@ -113,6 +110,61 @@ def init_text_encoder(seed=0, vocab_size=None):
 
 # "A {relation} B": where B lies from A, the word a relation caption's last token learns to predict
 SIDE_OF_SECOND = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+# how far `separate_relation_words` pushes each word of an opposite pair (above/below, left/right)
+# from the other before a side-target fine-tune, as a fraction of the pair's mean embedding-row norm
+# (0.5 still left some tiny test encoders' left/right merged)
+RELATION_SPREAD = 1.0
+RELATION_CAPTIONS = 32  # captions per pair that `separate_relation_words` measures the pair's effect on
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _relation_jacobians(graphdef, embed, rest, pairs, words, mask):
+  """[P, D, D]: for each opposite pair (token ids pairs [P, 2]), d(the mean last-token state of its
+  captions words [P, N, L], mask [P, N, L], after BOS) / d(a shift of both its embedding rows)."""
+  table = jax.tree.leaves(embed)[0]
+
+  def last_state(delta, pair, words, mask):
+    model = nnx.merge(graphdef, jax.tree.map(lambda _: table.at[pair].add(delta), embed), rest)
+    hidden = model(words, mask, model.encode_prefix(jnp.asarray([[BOS]], jnp.int32)))
+    return hidden[jnp.arange(len(words)), mask.sum(axis=1) - 1].mean(0)
+
+  return jax.vmap(jax.jacfwd(last_state), (None, 0, 0, 0))(jnp.zeros(table.shape[1]), pairs, words, mask)
+
+
+def separate_relation_words(encoder, tokenizer, words, mask, spread=None):
+  """The tied embeddings [V, D] of `encoder` with each opposite relation pair (a, b) pushed apart,
+  a by +spread * the pair's mean row norm along a unit direction u, b by minus that. u is the
+  direction in which the last-token state of the pair's captions (`words`, `mask` as from
+  `caption_arrays`, after BOS) already reads the pair the right way round: with J = d(last-token
+  state) / d(relation word's row), averaged over those captions, u maximises -u.J.u (the top
+  eigenvector of -(J + J^T) / 2), so the side word each caption must predict (the opposite of its
+  own, see SIDE_OF_SECOND) starts ahead of its own word instead of level with it. Deterministic
+  (u's sign: along the rows' difference). A plain LM leaves each pair near-identical (the same words
+  follow both), and the side-target fine-tune from that symmetric start told "left" from "right"
+  only by chance; pushed along the rows' own difference or the top singular direction of J (half
+  the time the wrong way round), the pairs still often merged again."""
+  spread = RELATION_SPREAD if spread is None else spread
+  table = jnp.asarray(encoder.embed_tokens[...])
+  pairs = np.array([tokenizer.convert_tokens_to_ids(list(p)) for p in sorted({tuple(sorted(p)) for p in
+                                                                                SIDE_OF_SECOND.items()})])
+  rows = [np.nonzero(np.isin(words, p).any(axis=1))[0] for p in pairs]
+  pairs, rows = pairs[[len(r) > 0 for r in rows]], [r for r in rows if len(r)]  # pairs the captions use
+  if not spread or not rows:
+    return table
+  rows = np.stack([np.resize(r, RELATION_CAPTIONS) for r in rows])  # [pairs, N]: the first N, cycled if fewer
+  graphdef, embed, rest = nnx.split(encoder, nnx.PathContains("embed_tokens"), ...)
+  jac = np.asarray(_relation_jacobians(graphdef, embed, rest, jnp.asarray(pairs), jnp.asarray(words[rows]),
+                                       jnp.asarray(mask[rows])), np.float64)
+  out = np.array(table, np.float64)
+  for k, (a, b) in enumerate(pairs):
+    u = np.linalg.eigh(-(jac[k] + jac[k].T) / 2)[1][:, -1]
+    u *= 1.0 if u @ (out[a] - out[b]) >= 0 else -1.0
+    push = spread * (np.linalg.norm(out[a]) + np.linalg.norm(out[b])) / 2 * u
+    out[a] += push
+    out[b] -= push
+  return jnp.asarray(out, table.dtype)
 
 
 def caption_arrays(tokenizer, captions, side_targets=False):
@@ -147,7 +199,7 @@ def lm_loss(encoder, prefix_ids, words, mask, targets):
 
 
 def pretrain_lm(encoder, tokenizer, captions, steps=300, *, chi=COMPLEX_HUMAN_INSTRUCTION, batch_size=32, lr=3e-3,
-                seed=0, side_targets=False, anchor=0.0, log_every=50, log=functools.partial(print, flush=True)):
+                seed=0, side_targets=False, anchor=0.0, log_every=50, log=None):
   """Trains `encoder` in place as a causal LM on `captions` (after the CHI and after BOS alone, equally
   weighted). Returns (encoder, metrics) with the loss before and after on a fixed batch of captions.
 
@@ -155,7 +207,10 @@ def pretrain_lm(encoder, tokenizer, captions, steps=300, *, chi=COMPLEX_HUMAN_IN
   `anchor` times the squared relative change of the output states (prefix and caption tokens), except
   at the relation words and at positions whose target `side_targets` changed, so the DiT's inputs move
   only where they must. (With the relation words anchored too, "left" and "right", whose embeddings
-  the plain LM made near-identical, tend to stay merged.)"""
+  the plain LM made near-identical, tend to stay merged.) side_targets first pushes each opposite
+  relation pair's embeddings apart (`separate_relation_words`; the anchor's reference is the encoder
+  as given). Progress goes to `log` (default: print)."""
+  log = log or functools.partial(print, flush=True)
   words, mask, targets = caption_arrays(tokenizer, list(captions), side_targets=side_targets)
   # anchored: every token but the relation words (which must come apart too) and the side targets
   side = (np.arange(words.shape[1]) == mask.sum(axis=1, keepdims=True) - 1) & (targets != EOS)
@@ -179,6 +234,8 @@ def pretrain_lm(encoder, tokenizer, captions, steps=300, *, chi=COMPLEX_HUMAN_IN
   if anchor:  # the starting encoder's states for every caption, per prefix
     chunks = [jax.jit(outputs)(params, words[i:i + 1024], mask[i:i + 1024]) for i in range(0, len(words), 1024)]
     reference = [(chunks[0][k][0], jnp.concatenate([c[k][1] for c in chunks])) for k in range(len(prefixes))]
+  if side_targets:  # why: from near-identical relation words the fine-tune told them apart only by chance
+    params["embed_tokens"].set_value(separate_relation_words(nnx.merge(graphdef, params), tokenizer, words, mask))
 
   def loss_fn(params, rows, words, mask, targets, keep):
     model = nnx.merge(graphdef, params)
@@ -234,8 +291,9 @@ def shapes_captions(n, seed=0):
   return [shapes.generate(i, seed, "train")[1] for i in range(n)]
 
 
+@cli_main
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m sana_jax.demo.text_encoder", description=__doc__.split("\n\n")[0])
+  p = ArgumentParser(prog="python -m sana_jax.demo.text_encoder", description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True, help="writes OUT/tokenizer and OUT/text_encoder")
   p.add_argument("--steps", type=int, default=300, help="causal-LM pretraining steps (0: random weights)")
   p.add_argument("--captions", type=int, default=4096, help="training captions drawn from the generator")
@@ -250,6 +308,7 @@ def main(argv=None):
   p.add_argument("--anchor", type=float, default=0.0, help="with --resume: weight of the penalty on changing "
                  "the output states a DiT was trained on")
   args = p.parse_args(argv)
+  files.output_directory(args.out, "--out")
   captions = shapes_captions(args.captions, args.seed)
   if args.resume:
     shutil.copytree(os.path.join(args.resume, "tokenizer"), os.path.join(args.out, "tokenizer"), dirs_exist_ok=True)
@@ -264,12 +323,13 @@ def main(argv=None):
                                    chi=() if args.no_chi else COMPLEX_HUMAN_INSTRUCTION, seed=args.seed,
                                    side_targets=args.side_targets, anchor=args.anchor)
   encoder.save_pretrained(os.path.join(args.out, "text_encoder"))
-  with open(os.path.join(args.out, "text_encoder_metrics.json"), "w") as f:
-    json.dump(dict(metrics, vocab_size=len(tokenizer)), f, indent=1)
+  files.write_json(os.path.join(args.out, "text_encoder_metrics.json"), dict(metrics, vocab_size=len(tokenizer)),
+                   indent=1)
   print(f"vocab {len(tokenizer)}; LM loss {metrics.get('loss_before', float('nan')):.3f} -> "
         f"{metrics.get('loss_after', float('nan')):.3f}; side accuracy {metrics.get('side_accuracy')}; "
         f"saved {args.out}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

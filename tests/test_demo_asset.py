@@ -1,5 +1,6 @@
-"""The shipped demo model: in the package, small, the default of sample.py, and the same pipeline for
-diffusers as for us."""
+"""The shipped demo model (sana_jax/assets/sana-shapes): in the package, small, the default of sample.py,
+README's prompt drawn right, and the same pipeline for diffusers as for us. (Training its parts:
+test_demo_training.py.)"""
 import json
 import os
 import re
