@@ -62,7 +62,7 @@ def scheduler_settings(config, source="scheduler_config.json"):
   """(sampler name, flow shift) for a scheduler config dict; a SanaError for anything we would run
   differently from diffusers."""
   name = config.get("_class_name")
-  if name not in SCHEDULERS:
+  if not isinstance(name, str) or name not in SCHEDULERS:
     raise SanaError(f"{source}: scheduler {short(name)} is not supported; expected one of {', '.join(SCHEDULERS)}")
   scheduler = SCHEDULERS[name]
   for key, value in scheduler.requires.items():
@@ -85,7 +85,7 @@ def scheduler_for(sampler):
 
 def pipeline_class(name, source="model_index.json"):
   """Our pipeline class for a model_index.json `_class_name`."""
-  if name not in PIPELINES:
+  if not isinstance(name, str) or name not in PIPELINES:
     raise SanaError(f"{source}: pipeline class {short(name)} is not supported; expected one of "
                     f"{', '.join(PIPELINES)}")
   module, cls = PIPELINES[name].split(":")

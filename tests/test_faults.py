@@ -171,6 +171,8 @@ CONFIG_CASES = {  # file, raw text or a change to its JSON, what the error names
     "scheduler unsupported": ("scheduler/scheduler_config.json", setting("solver_order", 3), "solver_order"),
     "index not JSON": ("model_index.json", "\x00\x01", "not valid JSON"),
     "index class": ("model_index.json", setting("_class_name", "StableDiffusionPipeline"), "StableDiffusionPipeline"),
+    "index class a list": ("model_index.json", setting("_class_name", ["SanaPipeline"]), "pipeline class"),
+    "scheduler class a list": ("scheduler/scheduler_config.json", setting("_class_name", [1]), "scheduler [1]"),
     "index component": ("model_index.json", setting("vae", "AutoencoderDC"), "vae must be a [library, class] pair"),
     "sequence length": ("model_index.json", ours("max_sequence_length", 10**9), "max_sequence_length"),
     "guidance": ("model_index.json", ours("guidance_scale", "high"), "guidance_scale"),

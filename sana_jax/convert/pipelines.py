@@ -51,7 +51,7 @@ def read_model_index(path):
   if not os.path.lexists(index_path):
     raise SanaError(f"{path}: no model_index.json; expected a diffusers-format Sana directory")
   index = files.read_json(index_path, "model_index.json")
-  if index.get("_class_name") not in registry.PIPELINES:
+  if not isinstance(index.get("_class_name"), str) or index["_class_name"] not in registry.PIPELINES:
     raise SanaError(f"{index_path}: pipeline class {short(index.get('_class_name'))} is not supported; "
                     f"expected one of {', '.join(registry.PIPELINES)}")
   for name in COMPONENTS:
