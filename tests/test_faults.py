@@ -292,6 +292,9 @@ def test_interrupted_write_leaves_no_temporary_file(tmp_path, signum):
       from sana_jax import files
       from sana_jax.errors import cli_main
 
+      # a test runner started in the background inherits SIGINT ignored: take Python's default back
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
       @cli_main
       def main():
         with files.atomic_write({str(tmp_path / 'out.png')!r}) as f:

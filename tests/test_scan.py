@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import sana_jax
+from sana_jax.models import initialized
 from sana_jax.models.dit import pure_forward
 
 SMALL = dict(in_channels=4, out_channels=4, num_attention_heads=2, num_cross_attention_heads=2,
@@ -17,12 +18,17 @@ SMALL = dict(in_channels=4, out_channels=4, num_attention_heads=2, num_cross_att
 def build(num_layers, **kw):
   """A model with every parameter moved off its init (zero-init output layers would zero all grads)."""
   cfg = sana_jax.SanaTransformerConfig(**SMALL, num_layers=num_layers, **kw)
-  model = sana_jax.SanaTransformer(cfg, rngs=nnx.Rngs(0))
+  model = initialized(lambda: sana_jax.SanaTransformer(cfg, rngs=nnx.Rngs(0)))
   state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  moved = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(treedef, moved))
+
+  @jax.jit
+  def moved(state):  # one random draw split over the leaves: XLA's CPU compile time grows with each draw
+    leaves, treedef = jax.tree.flatten(state)
+    noise = jax.random.normal(jax.random.key(1), (sum(p.size for p in leaves),))
+    ends = np.cumsum([p.size for p in leaves])[:-1]
+    return jax.tree.unflatten(treedef, [p + 0.05 * n.reshape(p.shape) for p, n in zip(leaves, jnp.split(noise, ends))])
+
+  nnx.update(model, moved(state))
   return model
 
 
@@ -38,9 +44,16 @@ def compile_seconds(model):
 
 
 def test_compile_time_flat_in_depth():
-  compile_seconds(build(2))  # warm up the compiler itself
-  shallow = min(compile_seconds(build(2)) for _ in range(2))
-  deep = min(compile_seconds(build(28)) for _ in range(2))
+  # the persistent compilation cache (conftest) would turn the repeated compiles into cache loads
+  cached = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    shallow_model, deep_model = build(2), build(28)
+    compile_seconds(shallow_model)  # warm up the compiler itself
+    shallow = min(compile_seconds(shallow_model) for _ in range(2))
+    deep = min(compile_seconds(deep_model) for _ in range(2))
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cached)
   assert deep < 2.5 * shallow + 0.5, f"28 layers took {deep:.2f}s to compile, 2 layers {shallow:.2f}s"
 
 
@@ -48,11 +61,12 @@ def test_compile_time_flat_in_depth():
 def test_remat_same_values_and_gradients(policy):
   plain, remat = build(3), build(3, remat=policy)
 
-  def loss(model):
-    return jnp.mean(jnp.square(model(*inputs())))
+  @nnx.jit
+  def value_and_grad(model):
+    return nnx.value_and_grad(lambda m: jnp.mean(jnp.square(m(*inputs()))))(model)
 
-  l0, g0 = nnx.value_and_grad(loss)(plain)
-  l1, g1 = nnx.value_and_grad(loss)(remat)
+  l0, g0 = value_and_grad(plain)
+  l1, g1 = value_and_grad(remat)
   np.testing.assert_allclose(l0, l1, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

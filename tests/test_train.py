@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cpu_env
 
 from configs import tiny
 from sana_jax import parallel
@@ -233,13 +234,12 @@ def free_port():
 @pytest.mark.slow
 def test_two_processes_train_together(tmp_path):
   steps = ["--config.total_steps=4", "--config.checkpoint_every=2", "--config.eval.every=0"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
+  env = dict(cpu_env(2), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
   procs = [subprocess.Popen(train_cmd(tmp_path / "two", *steps), cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=400)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs
-  single_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  single_env = cpu_env(4)
   subprocess.run(train_cmd(tmp_path / "one", *steps), check=True, capture_output=True, cwd=ROOT, env=single_env)
   two, one = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
   assert sorted(two) == [1, 2, 3, 4]  # process 0 alone wrote the log: one line per step

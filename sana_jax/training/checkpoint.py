@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 
 import jax
 import numpy as np
@@ -40,6 +41,7 @@ _OK, _DAMAGED, _FAILED = 0, 1, 2
 # Read errors that say nothing about the files: tensorstore's status codes for them, and OS errors.
 _NOT_DAMAGE = ("PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
                "CANCELLED", "ABORTED", "Out of memory")
+_ORBAX_DIR = f"{os.sep}orbax{os.sep}"
 _DAMAGE_TYPES = (ValueError, KeyError, IndexError, EOFError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
@@ -105,6 +107,7 @@ class Checkpointer:
   def _try_restore(self, step, abstract_state):
     """(_OK, (state, data state)), (_DAMAGED, the error) or (_FAILED, the error) for one step; a step
     saved by another config is a SanaError."""
+    _drop_abandoned_read_noise()
     with _orbax_quiet():
       try:
         saved = self.manager.item_metadata(step).get("state")
@@ -119,7 +122,6 @@ class Checkpointer:
       except SanaError:
         raise
       except Exception as e:  # noqa: BLE001 - sorted into damage, trouble reading, and bugs below
-        _drop_read_noise()
         gc.collect()  # the abandoned reads report now, while orbax's loggers are quiet
         if _outside_the_files(e):
           return _FAILED, e
@@ -235,27 +237,45 @@ def _orbax_quiet():
       logger.removeFilter(drop)
 
 
-_previous_unraisablehook = None
+_noise_dropped = False
 
 
-def _drop_read_noise():
-  """When orbax's restore fails, it closes its event loop with reads still in flight; each of them
-  then reports `RuntimeError: Event loop is closed` (and each abandoned read coroutine its own error)
-  through sys.unraisablehook: dozens of tracebacks for one damaged file, some after the restore has
-  returned. From the first failed restore on, the process drops exactly those reports."""
-  global _previous_unraisablehook
-  if _previous_unraisablehook is not None:
+def _drop_abandoned_read_noise():
+  """When orbax's restore fails, it closes its event loop with reads still in flight, and each of
+  them reports on its own, some well after the restore has returned (how many and when depends on
+  the machine's speed): tensorstore's completion callback finds the loop closed and prints
+  `RuntimeError: Event loop is closed` through sys.excepthook; the abandoned read coroutines and
+  tasks report through sys.unraisablehook and asyncio's logger. Dozens of tracebacks for one damaged
+  file, which `restore_latest` reports in one line. Installed before the first restore, for the
+  life of the process, these filters drop exactly those reports and pass everything else on."""
+  global _noise_dropped
+  if _noise_dropped:
     return
-  _previous_unraisablehook = sys.unraisablehook
+  _noise_dropped = True
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-  def hook(unraisable):
+  def closed_loop(error):
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+  def unraisable_hook(unraisable):
     code = getattr(unraisable.object, "cr_code", None)
-    from_orbax = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-    closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
-    if not (from_orbax or closed_loop):
-      _previous_unraisablehook(unraisable)
+    if not ((code is not None and _ORBAX_DIR in code.co_filename) or closed_loop(unraisable.exc_value)):
+      previous_unraisable(unraisable)
 
-  sys.unraisablehook = hook
+  def except_hook(kind, error, trace):
+    # only a callback entered from native code: its traceback starts in asyncio's call_soon_threadsafe
+    from_callback = trace is not None and trace.tb_frame.f_code.co_name == "call_soon_threadsafe"
+    if not (from_callback and closed_loop(error)):
+      previous_except(kind, error, trace)
+
+  def orbax_task_record(record):
+    if "never retrieved" not in record.getMessage():
+      return True
+    told = record.getMessage() + ("".join(traceback.format_exception(*record.exc_info)) if record.exc_info else "")
+    return not (_ORBAX_DIR in told or "Event loop is closed" in told)
+
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+  logging.getLogger("asyncio").addFilter(orbax_task_record)
 
 
 # grain iterator states are dicts of JSON values, or bytes for some iterators: keep both in JSON

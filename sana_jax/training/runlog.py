@@ -2,6 +2,7 @@
 TensorBoard event files under DIR/tensorboard, a progress bar, and warnings on stderr."""
 import json
 import os
+import sys
 
 import jax
 
@@ -15,6 +16,20 @@ def warn(message):
     errors.warn(message)
 
 
+def _tensorboard_writer():
+  """tensorboardX's SummaryWriter. tensorboardX imports PyTorch whenever it is installed (3 s, only to
+  accept torch tensors; we log floats), so the import runs with torch hidden unless it is loaded."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class RunLog:
 
   def __init__(self, workdir, *, total_steps, start_step, enabled=None):
@@ -24,7 +39,7 @@ class RunLog:
     if not self.enabled:
       return
     _drop_lines_after(self.path, start_step)  # a resumed run logs the steps after its checkpoint again
-    from tensorboardX import SummaryWriter
+    SummaryWriter = _tensorboard_writer()
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
     from tqdm import tqdm
     self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
