@@ -1,9 +1,15 @@
-"""Text to image with Sana on the command line.
+"""Text to image (and image to image) with Sana and Sana-Sprint on the command line.
 
   python sample.py "a red fox in the snow" --model PATH_OR_HUB_ID [--steps 20 --cfg 4.5 --seed 0]
+  python sample.py "a red fox in the snow" --model SPRINT_DIR          (2 steps; --steps 1 to 4)
+  python sample.py "a red fox, oil painting" --image fox.jpg --strength 0.6
 
-Without --model, the demo model that ships inside the package. Without --cfg, the model's own guidance
-scale (model_index.json "sana_jax"; 3.0 for the demo model), else 4.5.
+Without --model, the demo model that ships inside the package. Any diffusers-format SanaPipeline,
+SanaPAGPipeline, SanaSprintPipeline or SanaSprintImg2ImgPipeline directory works; --steps defaults to
+the model's (2 for Sana-Sprint, else 20). Without --cfg, the model's own guidance scale (model_index.json
+"sana_jax"; 3.0 for the demo model), else 4.5; for Sana-Sprint it is the embedded guidance.
+--image starts from that image (scaled to cover the output size and centre-cropped); --strength in
+(0, 1] is how much noise replaces it (default 0.6).
 
 Writes OUTPUT_DIR/NNNN.png in prompt order, each with its prompt, seed, steps, cfg and model in the PNG's
 text metadata. Images already in OUTPUT_DIR are kept: numbering continues after the highest NNNN.png
@@ -22,6 +28,8 @@ from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
 MAX_SIZE = 4096          # the released models' largest aspect-ratio bins
 MAX_STEPS = 1000         # the models' training timesteps
+DEFAULT_STEPS, DEFAULT_STEPS_SPRINT = 20, 2
+DEFAULT_STRENGTH = 0.6   # diffusers' SanaSprintImg2ImgPipeline
 MAX_IMAGES = 100_000     # images per run
 SEED_LIMIT = 2**64
 IMAGE_NAME = re.compile(r"(\d{4,})\.png")
@@ -37,9 +45,11 @@ def parse_args(argv):
   p.add_argument("--height", type=int)
   p.add_argument("--width", type=int)
   p.add_argument("--aspect", help="W:H, e.g. 16:9, at the model's native area (instead of --height/--width)")
-  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 2 for Sana-Sprint, else 20)")
   p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off; default: the "
                  "model's own, else 4.5)")
+  p.add_argument("--image", help="image-to-image: start from this image file")
+  p.add_argument("--strength", type=float, default=None, help="image-to-image noise strength in (0, 1] (default 0.6)")
   p.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (0 = off)")
   p.add_argument("--pag-layers", default="0", help="comma-separated block indices for PAG (default: 0)")
   p.add_argument("--sampler", default=None, help="flow_dpm | flow_euler (default: the model's scheduler)")
@@ -65,6 +75,19 @@ def gather_prompts(args):
 def check_settings(args, configs, n_images):
   """Everything checkable before loading weights, from the model's validated configs."""
   from sana_jax.sampling import SAMPLERS
+  sprint = configs["scheduler"]["sampler"] == "scm"
+  if sprint:
+    for flag, given in (("--sampler", args.sampler is not None), ("--pag", args.pag != 0),
+                        ("--negative-prompt", bool(args.negative_prompt))):
+      if given:
+        raise SanaError(f"{flag}: a Sana-Sprint model samples with sCM steps and embedded guidance; it takes no {flag}")
+  args.steps = (DEFAULT_STEPS_SPRINT if sprint else DEFAULT_STEPS) if args.steps is None else args.steps
+  if args.strength is not None and not args.image:
+    raise SanaError("--strength is for image-to-image: give --image too")
+  if args.image:
+    args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    if not 0 < args.strength <= 1:
+      raise SanaError(f"--strength {args.strength}: expected a number in (0, 1]")
   if not 0 < args.steps <= MAX_STEPS:
     raise SanaError(f"--steps {args.steps}: the number of inference steps must be from 1 to {MAX_STEPS}")
   if args.cfg is not None and (not math.isfinite(args.cfg) or args.cfg < 0):
@@ -150,6 +173,10 @@ def main(argv=None):
   check_settings(args, pipelines.check(model_dir), len(prompts) * args.num_images_per_prompt)
   jobs = [(p, i) for p in prompts for i in range(args.num_images_per_prompt)]
   files.output_directory(args.output_dir, "--output-dir", create=False)
+  init_image = None
+  if args.image:
+    from sana_jax.data import images as image_files
+    init_image = image_files.load(args.image, "--image")
 
   import jax
   import jax.numpy as jnp
@@ -157,32 +184,44 @@ def main(argv=None):
 
   from sana_jax.compile_cache import enable_compilation_cache
   from sana_jax.pipeline import load_pipeline, prng_key
+  from sana_jax.sprint import SanaSprintPipeline, seeded_step_noise
   enable_compilation_cache()
   pipe = load_pipeline(model_dir, dtype=args.dtype, sampler=args.sampler)
+  sprint = isinstance(pipe, SanaSprintPipeline)
   files.output_directory(args.output_dir, "--output-dir")
   index = first_index(args.output_dir, args.overwrite)
   cfg = pipe.guidance_scale if args.cfg is None else args.cfg
   f = pipe.vae_scale_factor
+  latent_shape = (args.height // f, args.width // f, pipe.transformer.config.in_channels)
+  settings = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=cfg)
+  if init_image is not None:
+    settings.update(image=init_image, strength=args.strength)
+  if not sprint:
+    settings.update(negative_prompt=args.negative_prompt, pag_scale=args.pag, pag_applied_layers=args.pag_layers)
   first_call, later, later_images, written = None, 0.0, 0, 0
   for start in tqdm(range(0, len(jobs), args.batch_size), desc="sampling", unit="batch"):
     batch = jobs[start:start + args.batch_size]
     seeds = [args.seed + start + k for k in range(len(batch))]
-    latents = jnp.stack([jax.random.normal(prng_key(s), (args.height // f, args.width // f,
-                                                         pipe.transformer.config.in_channels))
-                         for s in seeds])
+    # each image's noise comes from its own seed alone, whatever the batch size
+    noise = dict(latents=jnp.stack([jax.random.normal(prng_key(s), latent_shape) for s in seeds]))
+    if sprint:
+      noise["step_noise"] = jnp.concatenate([seeded_step_noise(prng_key(s), args.steps, (1, *latent_shape))
+                                             for s in seeds], axis=1)
     began = time.perf_counter()
-    images = pipe([p for p, _ in batch], negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=cfg, latents=latents, pag_scale=args.pag,
-                  pag_applied_layers=args.pag_layers).images
+    images = pipe([p for p, _ in batch], **settings, **noise).images
     elapsed = time.perf_counter() - began
     if first_call is None:
       first_call = elapsed
     else:
       later, later_images = later + elapsed, later_images + len(batch)
     for (prompt, _), seed, image in zip(batch, seeds, images):
-      save_png(image, os.path.join(args.output_dir, f"{index:04d}.png"),
-               dict(prompt=prompt, seed=seed, steps=args.steps, cfg=cfg, pag=args.pag, model=args.model,
-                    sampler=pipe.sampler if args.sampler is None else args.sampler))
+      meta = dict(prompt=prompt, seed=seed, steps=args.steps, cfg=cfg, model=args.model,
+                  sampler=args.sampler or pipe.sampler)
+      if not sprint:
+        meta["pag"] = args.pag
+      if init_image is not None:
+        meta.update(image=args.image, strength=args.strength)
+      save_png(image, os.path.join(args.output_dir, f"{index:04d}.png"), meta)
       index, written = index + 1, written + 1
   rate = later_images / later if later else len(jobs[:args.batch_size]) / first_call
   print(f"wrote {written} image(s) to {args.output_dir} (last {index - 1:04d}.png); first call (with compile) "

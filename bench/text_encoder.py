@@ -29,9 +29,8 @@ PROMPTS = ["a small red fox jumping over a lazy dog in the snow", "a bowl of ram
            "an astronaut riding a horse on the moon", "a watercolor painting of a lighthouse at dusk"]
 
 
-def build(tmp, size, device, dtype_name):
-  import diffusers
-  import torch
+def tokenizer():
+  """A byte-level BPE tokenizer trained on the CHI and the prompts, with Gemma's special-token ids."""
   import transformers
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   tok = Tokenizer(models.BPE())
@@ -41,8 +40,15 @@ def build(tmp, size, device, dtype_name):
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(list(COMPLEX_HUMAN_INSTRUCTION) + PROMPTS, trainer)
   tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                               pad_token="<pad>")
+
+
+def build(tmp, size, device, dtype_name):
+  import diffusers
+  import torch
+  import transformers
+  fast = tokenizer()
   torch.manual_seed(0)
   config = transformers.Gemma2Config(vocab_size=len(fast), max_position_embeddings=2048, pad_token_id=0,
                                      eos_token_id=1, bos_token_id=2, attn_implementation="eager", **size)

@@ -11,6 +11,7 @@ _PUBLIC = {
     "GemmaConfig": "sana_jax.models.gemma", "GemmaTextEncoder": "sana_jax.models.gemma",
     "SanaTransformer": "sana_jax.models.dit", "SanaTransformerConfig": "sana_jax.models.dit",
     "SanaPipeline": "sana_jax.pipeline", "load_pipeline": "sana_jax.pipeline",
+    "SanaSprintPipeline": "sana_jax.sprint",
 }
 __all__ = sorted([*_PUBLIC, "SanaError"])
 __version__ = "0.1.0"

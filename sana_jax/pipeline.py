@@ -1,8 +1,9 @@
-"""SanaPipeline: prompts -> Gemma-2 embeddings -> one jitted denoising scan -> DC-AE decode -> images.
+"""Sana's pipelines: prompts -> Gemma-2 embeddings -> one jitted sampling scan -> DC-AE decode -> images.
 
-Mirrors diffusers' SanaPipeline: `SanaPipeline.from_pretrained(dir)` reads a diffusers-format Sana
-directory (model_index.json with tokenizer, text_encoder, transformer, vae, scheduler).
-Latents are NHWC.
+`BasePipeline` is what every family member shares: diffusers-format loading and saving, prompt
+encoding, sizes and aspect-ratio bins, the initial noise, image-to-image inputs, decoding and output.
+`SanaPipeline` (diffusers' SanaPipeline / SanaPAGPipeline) adds the flow samplers with CFG and PAG;
+`sana_jax.sprint.SanaSprintPipeline` the few-step sCM sampler. Latents are NHWC.
 """
 import dataclasses
 import math
@@ -14,11 +15,22 @@ from flax import nnx
 
 from sana_jax import aspect_ratio, parallel, registry
 from sana_jax.convert import pipelines
-from sana_jax.errors import SanaError
+from sana_jax.errors import SanaError, short
 from sana_jax.sampling import SAMPLERS, denoise
 from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION, PromptEncoder
 
 DEFAULT_GUIDANCE_SCALE = 4.5  # diffusers' and the reference's
+
+
+class _PipelinesOwn:
+  """complex_human_instruction left at this: the pipeline's own (the model directory's setting, else
+  Sana's), where diffusers' encode_prompt would use none."""
+
+  def __repr__(self):
+    return "<the pipeline's own>"
+
+
+PIPELINES_OWN = _PipelinesOwn()
 
 
 @dataclasses.dataclass
@@ -34,17 +46,23 @@ def load_pipeline(path, dtype="float32", **kwargs):
   return cls.from_pretrained(path, dtype, **kwargs)
 
 
-class SanaPipeline:
-  def __init__(self, tokenizer, text_encoder, transformer, vae, *, sampler="flow_dpm", flow_shift=3.0,
-               max_sequence_length=300, complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION, tiled_decode_above=2048,
+class BasePipeline:
+  _class_name = None   # the model_index.json `_class_name` it saves as (registry.PIPELINES)
+
+  def __init__(self, tokenizer, text_encoder, transformer, vae, *, sampler, max_sequence_length=300,
+               complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION, tiled_decode_above=2048,
                guidance_scale=DEFAULT_GUIDANCE_SCALE):
+    samplers = registry.PIPELINES[self._class_name].samplers
+    if sampler not in samplers:
+      raise SanaError(f"{type(self).__name__} runs {' / '.join(samplers)}, not {short(sampler)}: a directory with "
+                      f"another scheduler is another pipeline (sana_jax.load_pipeline picks it)")
     self.tokenizer, self.text_encoder, self.transformer, self.vae = tokenizer, text_encoder, transformer, vae
-    self.sampler, self.flow_shift = sampler, flow_shift
+    self.sampler = sampler
     self.guidance_scale = guidance_scale  # what __call__ uses when given none
     self.text_settings = dict(max_sequence_length=max_sequence_length,
                               complex_human_instruction=tuple(complex_human_instruction or ()))
-    self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, max_sequence_length=max_sequence_length,
-                                        complex_human_instruction=complex_human_instruction)
+    self._prompt_encoders = {}
+    self.prompt_encoder = self._prompt_encoder(max_sequence_length, PIPELINES_OWN)
     self.vae_scale_factor = vae.config.spatial_compression
     self.tiled_decode_above = tiled_decode_above
     self._dit_graph, self._dit_state = nnx.split(transformer)
@@ -53,15 +71,20 @@ class SanaPipeline:
     if self.mesh is not None:
       self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self._dit_state = jax.device_put(self._dit_state, self._replicated)
-    self._generate = jax.jit(self._generate_impl, static_argnames=("sampler", "steps", "cfg", "pag", "pag_layers"))
-    self._decode = vae._pure("decode")
+    self._decode, self._encode = vae._pure("decode"), vae._pure("encode")
+
+  # ---- loading and saving ----------------------------------------------------------------------
 
   @classmethod
-  def from_pretrained(cls, path, dtype=jnp.float32, *, sampler=None, **kwargs):
-    """Loads a diffusers-format Sana directory (or hub id); keyword arguments override its settings."""
-    components = {**cls.components_from_pretrained(path, dtype), **kwargs}  # the caller's settings win
-    default_sampler = components.pop("sampler")
-    return cls(**components, sampler=sampler or default_sampler)
+  def from_pretrained(cls, path, dtype=jnp.float32, **kwargs):
+    """Loads a diffusers-format directory (or hub id) of this pipeline class; keyword arguments
+    override its settings."""
+    path = pipelines.resolve_model(path)
+    name = pipelines.read_model_index(path)["_class_name"]
+    if registry.pipeline_class(name, f"{path}/model_index.json") is not cls:
+      raise SanaError(f"{path} holds a {name}: load it with sana_jax.load_pipeline")
+    kwargs = {k: v for k, v in kwargs.items() if not (k == "sampler" and v is None)}
+    return cls(**{**cls.components_from_pretrained(path, dtype), **kwargs})  # the caller's settings win
 
   @staticmethod
   def components_from_pretrained(path, dtype=jnp.float32, *, transformer=True):
@@ -71,11 +94,16 @@ class SanaPipeline:
 
   def save_pretrained(self, directory, dtype="float32", **kwargs):
     """Writes the pipeline in diffusers' format (model_index.json + components), loadable by diffusers'
-    SanaPipeline and ours."""
+    pipeline of the same class and ours."""
     pipelines.save_pipeline(directory, transformer=nnx.merge(self._dit_graph, self._dit_state), vae=self.vae,
-                            text_encoder=self.text_encoder, tokenizer=self.tokenizer, flow_shift=self.flow_shift,
-                            scheduler=registry.scheduler_for(self.sampler), dtype=dtype,
-                            settings=self._non_default_settings(), **kwargs)
+                            text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                            scheduler=registry.scheduler_for(self.sampler), **self.scheduler_settings, dtype=dtype,
+                            settings=self._non_default_settings(), pipeline_class=self._class_name, **kwargs)
+
+  @property
+  def scheduler_settings(self):
+    """The scheduler's settings as keywords of save_pipeline (flow_shift, sigma_data)."""
+    raise NotImplementedError
 
   def _non_default_settings(self):
     defaults = dict(max_sequence_length=300, complex_human_instruction=tuple(COMPLEX_HUMAN_INSTRUCTION),
@@ -88,13 +116,160 @@ class SanaPipeline:
     state = jax.device_put(state, self._replicated) if self.mesh is not None else state
     self._dit_state = state
 
-  def encode_prompt(self, prompt, negative_prompt="", do_classifier_free_guidance=True, num_images_per_prompt=1):
-    """(embeds, mask, negative embeds, negative mask), each repeated per image of a prompt."""
-    out = self.prompt_encoder.encode(prompt, negative_prompt, do_classifier_free_guidance)
-    return tuple(None if a is None else jnp.repeat(a, num_images_per_prompt, axis=0) for a in out)
+  # ---- prompts ---------------------------------------------------------------------------------
+
+  def _prompt_encoder(self, max_sequence_length, complex_human_instruction):
+    """A PromptEncoder per (length, instruction), kept: each holds its own compiled text encoder."""
+    if complex_human_instruction is PIPELINES_OWN:
+      complex_human_instruction = self.text_settings["complex_human_instruction"]
+    elif complex_human_instruction:
+      complex_human_instruction = pipelines.SETTINGS["complex_human_instruction"](
+          complex_human_instruction, "complex_human_instruction")
+    key = (max_sequence_length, tuple(complex_human_instruction or ()))
+    if key not in self._prompt_encoders:
+      self._prompt_encoders[key] = PromptEncoder(self.tokenizer, self.text_encoder, max_sequence_length=key[0],
+                                                 complex_human_instruction=key[1])
+    return self._prompt_encoders[key]
+
+  def encode_prompt(self, prompt, do_classifier_free_guidance=True, negative_prompt="", num_images_per_prompt=1,
+                    prompt_embeds=None, negative_prompt_embeds=None, prompt_attention_mask=None,
+                    negative_prompt_attention_mask=None, clean_caption=False, max_sequence_length=None,
+                    complex_human_instruction=PIPELINES_OWN):
+    """(embeds, mask, negative embeds, negative mask), each repeated per image of a prompt; the
+    negatives are None without guidance. diffusers' arguments and order. Differences: without
+    max_sequence_length / complex_human_instruction the pipeline's own are used (the model
+    directory's, else Sana's 300 tokens and instruction), where diffusers' encode_prompt uses 300 and
+    no instruction; pass complex_human_instruction=None for none. Embeddings given are used as they are."""
+    if clean_caption:
+      raise SanaError("clean_caption=True is not implemented (it needs ftfy and BeautifulSoup, and the released "
+                      "models are sampled without it); pass clean_caption=False")
+    length = self.text_settings["max_sequence_length"] if max_sequence_length is None else max_sequence_length
+    encoder = self._prompt_encoder(length, complex_human_instruction)
+    if prompt_embeds is None:
+      prompts = _prompt_list(prompt)
+      if negative_prompt_embeds is None:
+        out = encoder.encode(prompts, negative_prompt, do_classifier_free_guidance)
+        return tuple(None if a is None else jnp.repeat(a, num_images_per_prompt, axis=0) for a in out)
+      embeds, mask = encoder.encode_positive(prompts)
+    else:
+      embeds, mask = self._given_embeds(prompt_embeds, prompt_attention_mask, "prompt")
+    neg = neg_mask = None
+    if do_classifier_free_guidance:
+      if negative_prompt_embeds is None:
+        negatives = [negative_prompt] * len(embeds) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(embeds):
+          raise SanaError(f"{len(negatives)} negative prompts for {len(embeds)} prompts")
+        neg, neg_mask = encoder.encode_negative(_prompt_list(negatives, "negative_prompt"))
+      else:
+        neg, neg_mask = self._given_embeds(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt")
+        if neg.shape[0] != embeds.shape[0]:
+          raise SanaError(f"negative_prompt_embeds for {neg.shape[0]} prompts, prompt_embeds for {embeds.shape[0]}")
+    return tuple(None if a is None else jnp.repeat(a, num_images_per_prompt, axis=0)
+                 for a in (embeds, mask, neg, neg_mask))
+
+  def _given_embeds(self, embeds, mask, name):
+    """Caller-made embeddings [B, L, caption_channels] and their mask [B, L], checked."""
+    width = self.transformer.config.caption_channels
+    embeds = np.asarray(embeds, np.float32)
+    if embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[2] != width or not 0 < embeds.shape[1] <= 4096:
+      raise SanaError(f"{name}_embeds of shape {embeds.shape}; expected [batch, tokens, {width}]")
+    if mask is None:
+      raise SanaError(f"{name}_embeds given without {name}_attention_mask [batch, tokens]")
+    mask = np.asarray(mask)
+    if mask.shape != embeds.shape[:2] or not np.isin(mask, (0, 1)).all():
+      raise SanaError(f"{name}_attention_mask of shape {mask.shape}; expected 0/1 values of shape {embeds.shape[:2]}")
+    if not np.isfinite(embeds).all():
+      raise SanaError(f"{name}_embeds holds NaN or infinite values")
+    return jnp.asarray(embeds), jnp.asarray(mask.astype(np.int32))
+
+  # ---- sizes, noise, images --------------------------------------------------------------------
+
+  def _sizes(self, height, width, use_resolution_binning):
+    """(the size asked for, the size generated at): the trained aspect-ratio bin nearest the asked
+    size when binning, the image resized back after decoding."""
+    f = self.vae_scale_factor
+    native = self.transformer.config.sample_size * f
+    height, width = native if height is None else height, native if width is None else width
+    check_size(height, width, f)
+    table = aspect_ratio.TABLE_FOR_SAMPLE_SIZE.get(self.transformer.config.sample_size)
+    if use_resolution_binning and table:
+      return (height, width), aspect_ratio.closest_bin(height, width, aspect_ratio.bins(table))
+    return (height, width), (height, width)
+
+  def _noise(self, n, size, key, latents):
+    """Standard-normal latents [n, h, w, C]: the caller's, checked, or drawn from PRNG `key`."""
+    f = self.vae_scale_factor
+    shape = (n, size[0] // f, size[1] // f, self.transformer.config.in_channels)
+    if latents is None:
+      return jax.random.normal(key, shape, jnp.float32)
+    if tuple(latents.shape) != shape:
+      raise SanaError(f"latents of shape {tuple(latents.shape)}; expected {shape} (NHWC)")
+    return jnp.asarray(latents, jnp.float32)
+
+  def _image_pixels(self, image, n, size):
+    """image= (see image_batch) -> [n, height, width, 3] in [-1, 1] at the generated size: one image
+    for all, one per prompt, or one per generated image."""
+    pixels = image_batch(image, *size)
+    if n % len(pixels):
+      raise SanaError(f"{len(pixels)} images for {n} generated images; give 1, one per prompt or one per image")
+    return jnp.repeat(jnp.asarray(pixels), n // len(pixels), axis=0) * 2 - 1
+
+  def _image_latents(self, pixels):
+    """Pixels in [-1, 1] -> DC-AE latents, scaled by the autoencoder's scaling factor."""
+    if max(pixels.shape[1:3]) > self.tiled_decode_above:
+      latents = self.vae.tiled_encode(pixels.astype(self.vae.dtype))
+    else:
+      latents = self._encode(pixels.astype(self.vae.dtype))
+    return latents.astype(jnp.float32) * self.vae.scaling_factor
+
+  # ---- running and output ----------------------------------------------------------------------
+
+  def _on_devices(self, run, *args):
+    """run(*args), the batch (axis 0 of every array) split over the local devices when it divides."""
+    n_dev = 1 if self.mesh is None else self.mesh.devices.size
+    if n_dev > 1 and args[0].shape[0] % n_dev == 0:  # else the batch does not split evenly: one device
+      args = tuple(None if a is None else jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim)) for a in args)
+      with parallel.use_mesh(self.mesh):
+        return run(*args)
+    return run(*args)
+
+  def decode(self, latents):
+    """Latents -> images in [-1, 1]; tiled when the image is larger than `tiled_decode_above` pixels."""
+    latents = latents / self.vae.scaling_factor
+    f = self.vae_scale_factor
+    if max(latents.shape[1], latents.shape[2]) * f > self.tiled_decode_above:
+      return self.vae.tiled_decode(latents.astype(self.vae.dtype))
+    return self._decode(latents.astype(self.vae.dtype))
+
+  def _output(self, latents, asked, output_type, return_dict):
+    if output_type == "latent":
+      images = latents
+    else:
+      images = aspect_ratio.resize_and_crop(self.decode(latents), *asked)
+      images = np.asarray(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0, 1))
+      if output_type == "pil":
+        from PIL import Image
+        images = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
+    return SanaPipelineOutput(images) if return_dict else (images,)
+
+
+class SanaPipeline(BasePipeline):
+  """diffusers' SanaPipeline (and SanaPAGPipeline: PAG is a call argument): Flow-DPM-Solver or
+  Flow-Euler with classifier-free and perturbed-attention guidance, text-to-image and image-to-image."""
+  _class_name = "SanaPipeline"
+
+  def __init__(self, tokenizer, text_encoder, transformer, vae, *, sampler="flow_dpm", flow_shift=3.0, **settings):
+    super().__init__(tokenizer, text_encoder, transformer, vae, sampler=sampler, **settings)
+    self.flow_shift = flow_shift
+    self._generate = jax.jit(self._generate_impl,
+                             static_argnames=("sampler", "steps", "start", "cfg", "pag", "pag_layers"))
+
+  @property
+  def scheduler_settings(self):
+    return dict(flow_shift=self.flow_shift)
 
   def _generate_impl(self, state, latents, embeds, mask, neg_embeds, neg_mask, guidance, pag_scale=0.0,
-                     pag_layers=(), *, sampler, steps, cfg, pag=False):
+                     pag_layers=(), *, sampler, steps, start, cfg, pag=False):
     schedule, step = SAMPLERS[sampler]
     sigmas, timesteps = (jnp.asarray(a) for a in schedule(steps, self.flow_shift))
     model = nnx.merge(self._dit_graph, state)
@@ -116,69 +291,113 @@ class SanaPipeline:
       out = v[0] + guidance * (v_text - v[0]) if cfg else v_text
       return out + pag_scale * (v_text - v[-1]) if pag else out
 
-    return denoise(velocity, latents, sigmas, timesteps, step)
+    return denoise(velocity, latents, sigmas, timesteps, step, start)
 
-  def __call__(self, prompt, negative_prompt="", height=None, width=None, num_inference_steps=20, guidance_scale=None,
-               num_images_per_prompt=1, seed=None, latents=None, output_type="pil", sampler=None,
-               use_resolution_binning=True, pag_scale=0.0, pag_applied_layers=(0,)):
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+  def __call__(self, prompt=None, negative_prompt="", height=None, width=None, num_inference_steps=20,
+               guidance_scale=None, num_images_per_prompt=1, seed=None, latents=None, output_type="pil", sampler=None,
+               use_resolution_binning=True, pag_scale=0.0, pag_applied_layers=(0,), *, image=None, strength=1.0,
+               prompt_embeds=None, prompt_attention_mask=None, negative_prompt_embeds=None,
+               negative_prompt_attention_mask=None, max_sequence_length=None,
+               complex_human_instruction=PIPELINES_OWN, clean_caption=False, return_dict=True):
+    """Images for `prompt` (or prompt_embeds), as diffusers' SanaPipeline makes them from the same
+    latents (standard normal, NHWC; else drawn from `seed`).
+
+    Image-to-image (`image`: PIL image(s) or an array [B, H, W, 3] in [0, 1]; other sizes are scaled
+    to cover and centre-cropped): the run starts at the first step of the same schedule whose noise
+    level sigma is at most `strength` (so the start is as fine as the schedule: a strength below its
+    smallest sigma is an error), from x = (1 - sigma) * image latents + sigma * latents. strength
+    1.0 starts at the first step, from the noise alone: text-to-image exactly. diffusers has no
+    image-to-image pipeline for Sana.
+    """
     guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
-    f = self.vae_scale_factor
-    height = self.transformer.config.sample_size * f if height is None else height
-    width = self.transformer.config.sample_size * f if width is None else width
-    validate(height, width, num_inference_steps, guidance_scale, f, num_images_per_prompt)
-    if output_type not in ("pil", "np", "latent"):
-      raise SanaError(f"output_type {output_type!r}; expected 'pil', 'np' or 'latent'")
-    asked = (height, width)
-    table = aspect_ratio.TABLE_FOR_SAMPLE_SIZE.get(self.transformer.config.sample_size)
-    if use_resolution_binning and table:  # generate at the trained bin, resize back after decoding
-      height, width = aspect_ratio.closest_bin(height, width, aspect_ratio.bins(table))
+    check_generation(num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
+    asked, size = self._sizes(height, width, use_resolution_binning)
     sampler = sampler or self.sampler
     if sampler not in SAMPLERS:
       raise SanaError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
-    cfg = guidance_scale > 1.0
-    embeds, mask, neg, neg_mask = self.encode_prompt(prompts, negative_prompt, cfg, num_images_per_prompt)
-    n = len(prompts) * num_images_per_prompt
-    shape = (n, height // f, width // f, self.transformer.config.in_channels)
-    if latents is None:
-      seed = np.random.SeedSequence().entropy % 2**31 if seed is None else seed
-      latents = jax.random.normal(prng_key(seed), shape, jnp.float32)
-    elif tuple(latents.shape) != shape:
-      raise SanaError(f"latents of shape {tuple(latents.shape)}; expected {shape} (NHWC)")
     if not _is_number(pag_scale) or not math.isfinite(pag_scale) or pag_scale < 0:
       raise SanaError(f"pag_scale {pag_scale!r}: perturbed-attention guidance scale must be finite and non-negative")
     layers = tuple(sorted(_layer_indices(pag_applied_layers, self.transformer.config.num_layers)))
     pag = pag_scale > 0 and bool(layers)
-    latents = self._denoise(jnp.asarray(latents), embeds, mask, neg, neg_mask, guidance_scale, sampler,
-                            num_inference_steps, cfg, pag, pag_scale, layers)
-    if output_type == "latent":
-      return SanaPipelineOutput(latents)
-    images = aspect_ratio.resize_and_crop(self.decode(latents), *asked)
-    images = np.asarray(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0, 1))
-    if output_type == "np":
-      return SanaPipelineOutput(images)
-    from PIL import Image
-    return SanaPipelineOutput([Image.fromarray((im * 255).round().astype(np.uint8)) for im in images])
+    cfg = guidance_scale > 1.0
+    embeds, mask, neg, neg_mask = self.encode_prompt(
+        prompt, cfg, negative_prompt, num_images_per_prompt, prompt_embeds, negative_prompt_embeds,
+        prompt_attention_mask, negative_prompt_attention_mask, clean_caption, max_sequence_length,
+        complex_human_instruction)
+    x = self._noise(embeds.shape[0], size, prng_key(seed), latents)
+    start = 0
+    if image is not None:
+      check_strength(strength)
+      pixels = self._image_pixels(image, x.shape[0], size)
+      sigmas, _ = SAMPLERS[sampler][0](num_inference_steps, self.flow_shift)
+      start = flow_start(sigmas, strength)
+      if start > 0:  # at the first step, the noise alone (text-to-image)
+        x = (1 - sigmas[start]) * self._image_latents(pixels) + sigmas[start] * x
+    run = lambda *a: self._generate(self._dit_state, *a, jnp.float32(guidance_scale), jnp.float32(pag_scale), layers,
+                                    sampler=sampler, steps=num_inference_steps, start=start, cfg=cfg, pag=pag)
+    x = self._on_devices(run, x, embeds, mask, neg, neg_mask)
+    return self._output(x, asked, output_type, return_dict)
 
-  def _denoise(self, latents, embeds, mask, neg, neg_mask, guidance_scale, sampler, steps, cfg, pag, pag_scale,
-               pag_layers):
-    args = (latents, embeds, mask, neg, neg_mask)
-    run = lambda *a: self._generate(self._dit_state, *a, jnp.float32(guidance_scale), jnp.float32(pag_scale),
-                                    pag_layers, sampler=sampler, steps=steps, cfg=cfg, pag=pag)
-    n_dev = 1 if self.mesh is None else self.mesh.devices.size
-    if n_dev > 1 and latents.shape[0] % n_dev == 0:  # else the batch does not split evenly: one device
-      args = tuple(None if a is None else jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim)) for a in args)
-      with parallel.use_mesh(self.mesh):
-        return run(*args)
-    return run(*args)
 
-  def decode(self, latents):
-    """Latents -> images in [-1, 1]; tiled when the image is larger than `tiled_decode_above` pixels."""
-    latents = latents / self.vae.scaling_factor
-    f = self.vae_scale_factor
-    if max(latents.shape[1], latents.shape[2]) * f > self.tiled_decode_above:
-      return self.vae.tiled_decode(latents.astype(self.vae.dtype))
-    return self._decode(latents.astype(self.vae.dtype))
+def flow_start(sigmas, strength):
+  """Image-to-image's first step on a flow schedule (sigmas [steps + 1] ending at 0): the first
+  whose sigma is at most `strength`."""
+  below = np.flatnonzero(np.asarray(sigmas[:-1]) <= strength)
+  if not below.size:
+    raise SanaError(f"strength {strength}: below the smallest noise level of this {len(sigmas) - 1}-step schedule "
+                    f"({float(sigmas[-2]):.3f}); raise strength or num_inference_steps")
+  return int(below[0])
+
+
+def image_batch(image, height, width):
+  """The pipelines' `image`: a PIL image, a list of them, or an array [B, H, W, 3] / [H, W, 3] in
+  [0, 1] -> float32 [B, height, width, 3] in [0, 1]. Images of another size are scaled (keeping their
+  aspect) to cover it and centre-cropped, as training fits images into its aspect-ratio buckets."""
+  from PIL import Image
+  items = list(image) if isinstance(image, (list, tuple)) else [image]
+  if not items:
+    raise SanaError("image: an empty list")
+  out = []
+  for item in items:
+    if isinstance(item, Image.Image):
+      item = np.asarray(item.convert("RGB"), np.float32) / 255
+    else:
+      item = np.asarray(item, np.float32)
+      if item.ndim == 4 and len(items) == 1:
+        out.extend(_fit(x, height, width) for x in _checked_pixels(item))
+        continue
+      item = _checked_pixels(item[None])[0]
+    out.append(_fit(item, height, width))
+  return np.stack(out)
+
+
+def _checked_pixels(batch):
+  if batch.ndim != 4 or batch.shape[-1] != 3 or 0 in batch.shape or max(batch.shape[1:3]) > MAX_SIZE:
+    raise SanaError(f"image of shape {batch.shape}; expected PIL images or an array [batch, height, width, 3] with "
+                    f"sides up to {MAX_SIZE}")
+  if not (np.isfinite(batch).all() and batch.min() >= 0 and batch.max() <= 1):
+    raise SanaError("image: pixel values must lie in [0, 1]")
+  return batch
+
+
+def _fit(pixels, height, width):
+  """[H, W, 3] in [0, 1] -> [height, width, 3]: as it is when the size matches, else cover + crop."""
+  if pixels.shape[:2] == (height, width):
+    return pixels
+  from PIL import Image
+
+  from sana_jax.data.images import resize_cover_crop
+  as_image = Image.fromarray((pixels * 255).round().astype(np.uint8))
+  return resize_cover_crop(as_image, height, width).astype(np.float32) / 255
+
+
+def _prompt_list(prompt, name="prompt"):
+  prompts = [prompt] if isinstance(prompt, str) else prompt
+  if prompt is None or not isinstance(prompts, (list, tuple)) or not prompts:
+    raise SanaError(f"{name}: expected a string or a non-empty list of strings (or {name}_embeds)")
+  if not all(isinstance(p, str) for p in prompts):
+    raise SanaError(f"{name}: every prompt must be a string")
+  return list(prompts)
 
 
 def _layer_indices(layers, num_layers):
@@ -197,31 +416,47 @@ def _layer_indices(layers, num_layers):
 MAX_SIZE = 16384           # pixels per side (the released models' largest bins are 4096)
 MAX_STEPS = 1000           # the models' training timesteps
 MAX_IMAGES_PER_PROMPT = 1024
+OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 def _is_number(value):
   return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def validate(height, width, steps, guidance_scale, factor, num_images_per_prompt=1):
-  """User errors in generation settings, each as a one-line SanaError in the API's words."""
+def _is_int(value):
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_size(height, width, factor):
   for name, value in (("height", height), ("width", width)):
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE or value % factor:
+    if not _is_int(value) or not 0 < value <= MAX_SIZE or value % factor:
       raise SanaError(f"{name} {value!r} is not a positive multiple of {factor} (the model's spatial factor) "
                       f"up to {MAX_SIZE}")
-  if not isinstance(steps, int) or isinstance(steps, bool) or not 0 < steps <= MAX_STEPS:
+
+
+def check_generation(steps, guidance_scale, num_images_per_prompt, output_type):
+  """User errors in generation settings, each as a one-line SanaError in the API's words."""
+  if not _is_int(steps) or not 0 < steps <= MAX_STEPS:
     raise SanaError(f"num_inference_steps {steps!r}: expected an integer from 1 to {MAX_STEPS}")
   if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
     raise SanaError(f"guidance_scale {guidance_scale!r}: expected a finite, non-negative number")
-  if (not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool)
-      or not 0 < num_images_per_prompt <= MAX_IMAGES_PER_PROMPT):
+  if not _is_int(num_images_per_prompt) or not 0 < num_images_per_prompt <= MAX_IMAGES_PER_PROMPT:
     raise SanaError(f"num_images_per_prompt {num_images_per_prompt!r}: expected an integer from 1 to "
                     f"{MAX_IMAGES_PER_PROMPT}")
+  if output_type not in OUTPUT_TYPES:
+    raise SanaError(f"output_type {short(output_type)}; expected 'pil', 'np' or 'latent'")
+
+
+def check_strength(strength):
+  if not _is_number(strength) or not 0 < strength <= 1:
+    raise SanaError(f"strength {strength!r}: expected a number in (0, 1]")
 
 
 def prng_key(seed):
-  """A PRNG key for any seed in [0, 2^64). jax.random.key alone wraps seeds of 2^32 and above around
-  silently (2^32 gives the key of 0); those fold their high half in instead."""
+  """A PRNG key for any seed in [0, 2^64); None draws one. jax.random.key alone wraps seeds of 2^32
+  and above around silently (2^32 gives the key of 0); those fold their high half in instead."""
+  if seed is None:
+    seed = np.random.SeedSequence().entropy % 2**31
   if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
     raise SanaError(f"seed {seed!r}: expected an integer in [0, 2^64)")
   seed = int(seed)

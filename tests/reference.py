@@ -41,9 +41,11 @@ def byte_bpe_tokenizer(texts, vocab_size):
                                               pad_token="<pad>")
 
 
-def save_tiny_sana_pipeline(root, tokenizer, **vae_options):
+def save_tiny_sana_pipeline(root, tokenizer, *, sprint=False, dit_options=None, **vae_options):
   """A tiny random diffusers SanaPipeline (Gemma-2, DiT and 4x DC-AE shifted off init; 8-channel latents,
-  text width 32), saved to `root` in the official format. Returns the diffusers pipeline."""
+  text width 32), saved to `root` in the official format. Returns the diffusers pipeline. sprint: a
+  SanaSprintPipeline instead (SCMScheduler; a transformer with a guidance embedding and q/k norms, as
+  Sana-Sprint's); dit_options: transformer settings over these."""
   import diffusers
   import torch
   import transformers
@@ -55,7 +57,8 @@ def save_tiny_sana_pipeline(root, tokenizer, **vae_options):
   dit = diffusers.SanaTransformer2DModel(
       in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, num_layers=2,
       num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=64, caption_channels=32,
-      sample_size=8).eval()
+      sample_size=8, **(dict(guidance_embeds=True, qk_norm="rms_norm_across_heads") if sprint else {}),
+      **(dit_options or {})).eval()
   vae = diffusers.AutoencoderDC(
       in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types="ResBlock",
       decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16, 16),
@@ -64,8 +67,12 @@ def save_tiny_sana_pipeline(root, tokenizer, **vae_options):
       **vae_options).eval()
   for i, m in enumerate((gemma, dit, vae)):
     shift_off_init(m, seed=i, scale=0.05)
-  scheduler = diffusers.DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
-                                                    prediction_type="flow_prediction")
-  ref = diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=gemma, transformer=dit, vae=vae, scheduler=scheduler)
+  if sprint:
+    scheduler, cls = diffusers.SCMScheduler(sigma_data=0.5), diffusers.SanaSprintPipeline
+  else:
+    scheduler = diffusers.DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
+                                                      prediction_type="flow_prediction")
+    cls = diffusers.SanaPipeline
+  ref = cls(tokenizer=tokenizer, text_encoder=gemma, transformer=dit, vae=vae, scheduler=scheduler)
   ref.save_pretrained(root)
   return ref

@@ -138,7 +138,7 @@ def test_text_keys_values_computed_once_per_generation(pipelines):
 
   def macs(steps):
     run = lambda s, x: ours._generate_impl(s, x, embeds, mask, neg, neg_mask, 4.5, sampler="flow_dpm", steps=steps,
-                                           cfg=True)
+                                           start=0, cfg=True)
     return count_macs(run, ours._dit_state, latents)
 
   per_step = macs(3) - macs(2)
@@ -189,3 +189,66 @@ def test_empty_prompt_works(pipelines):
   _, ours, _ = pipelines
   images = ours("", height=HEIGHT, width=WIDTH, num_inference_steps=2, seed=0, output_type="np").images
   assert images.shape == (1, HEIGHT, WIDTH, 3) and np.isfinite(images).all()
+
+
+def test_diffusers_call_arguments_match(pipelines):
+  """max_sequence_length, complex_human_instruction, prompt / negative embeddings and return_dict as
+  diffusers' SanaPipeline takes them."""
+  ref, ours, _ = pipelines
+  latents = np.random.default_rng(4).standard_normal((2, HEIGHT // 4, WIDTH // 4, 8)).astype(np.float32)
+  prompts = ["a red fox in the snow", "a blue house"]
+  common = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3, guidance_scale=4.5, output_type="latent")
+  text = dict(max_sequence_length=12, complex_human_instruction=["Describe:", "Prompt: "])
+  with torch.no_grad():
+    theirs = ref(prompts, negative_prompt="blurry", latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+                 use_resolution_binning=False, **common, **text).images.numpy().transpose(0, 2, 3, 1)
+  mine = ours(prompts, negative_prompt="blurry", latents=latents, **common, **text).images
+  assert rel_err(np.asarray(mine), theirs) <= 1e-3
+  embeds, mask, neg, neg_mask = ours.encode_prompt(prompts, True, "blurry", **text)
+  assert embeds.shape[1] == 12
+  (from_embeds,) = ours(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+                        negative_prompt_attention_mask=neg_mask, latents=latents, return_dict=False, **common)
+  assert rel_err(np.asarray(from_embeds), theirs) <= 1e-3
+  with torch.no_grad():
+    theirs_embeds = ref(negative_prompt=None, prompt_embeds=torch.from_numpy(np.array(embeds)),
+                        prompt_attention_mask=torch.from_numpy(np.array(mask)),
+                        negative_prompt_embeds=torch.from_numpy(np.array(neg)),
+                        negative_prompt_attention_mask=torch.from_numpy(np.array(neg_mask)),
+                        latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), use_resolution_binning=False,
+                        **common).images.numpy().transpose(0, 2, 3, 1)
+  assert rel_err(theirs_embeds, theirs) <= 1e-5
+
+
+def test_image_to_image_properties(pipelines):
+  """Base Sana image-to-image (diffusers has none): strength 1.0 is text-to-image from the same noise;
+  a small strength stays near the image's latents, and nearer the smaller it is."""
+  _, ours, _ = pipelines
+  latents = np.random.default_rng(5).standard_normal((1, HEIGHT // 4, WIDTH // 4, 8)).astype(np.float32)
+  image = np.random.default_rng(6).uniform(0, 1, (1, HEIGHT, WIDTH, 3)).astype(np.float32)
+  kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=20, guidance_scale=4.5, latents=latents,
+            output_type="latent")
+  text_to_image = np.asarray(ours("a red fox", **kw).images)
+  assert np.array_equal(np.asarray(ours("a red fox", image=image, strength=1.0, **kw).images), text_to_image)
+  target = np.asarray(ours._image_latents(ours._image_pixels(image, 1, (HEIGHT, WIDTH))))
+  far = rel_err(text_to_image, target)
+  # at 20 steps these start at sigma 0.136, 0.428 and 0.785
+  distances = [rel_err(ours("a red fox", image=image, strength=s, **kw).images, target) for s in (0.2, 0.5, 0.8)]
+  assert distances[0] < 0.2 * far and distances == sorted(distances), (distances, far)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt_embeds=np.zeros((1, 5, 32))), "without prompt_attention_mask"),
+    (dict(prompt_embeds=np.zeros((1, 5, 7)), prompt_attention_mask=np.ones((1, 5))), "tokens, 32"),
+    (dict(complex_human_instruction="one string"), "complex_human_instruction"),
+    (dict(max_sequence_length=1), "max_sequence_length"),
+    (dict(clean_caption=True), "clean_caption"),
+    (dict(image=np.zeros((1, 8, 8, 3)), strength=1.5), "strength"),
+    (dict(image=np.zeros((3, 8, 8, 3))), "3 images for 1 generated images"),
+    (dict(image=np.zeros((1, 8, 8, 3)), strength=0.01), "below the smallest noise level"),
+    (dict(prompt=None), "prompt: expected a string"),
+])
+def test_bad_call_arguments_are_one_line_errors(pipelines, kwargs, match):
+  _, ours, _ = pipelines
+  kwargs = {"prompt": "a fox", **kwargs}
+  with pytest.raises(sana_jax.SanaError, match=match):
+    ours(height=HEIGHT, width=WIDTH, num_inference_steps=2, output_type="latent", **kwargs)

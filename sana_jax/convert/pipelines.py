@@ -83,7 +83,8 @@ def model_settings(path):
 
 
 def read_scheduler(path):
-  """(sampler name, flow shift) of a pipeline directory's scheduler/scheduler_config.json."""
+  """{"sampler": name, and its settings as pipeline keywords} of a pipeline directory's
+  scheduler/scheduler_config.json (registry.scheduler_settings)."""
   config_path = files.inside(path, os.path.join("scheduler", "scheduler_config.json"), "scheduler config")
   return registry.scheduler_settings(files.read_json(config_path, "scheduler config"), config_path)
 
@@ -110,6 +111,7 @@ def check(path):
   for command lines, to fail in a second before anything heavy is imported. Returns its configs."""
   index = read_model_index(path)
   configs = dict(index=index, scheduler=read_scheduler(path))
+  registry.check_pairing(index["_class_name"], configs["scheduler"]["sampler"], files.inside(path, "model_index.json"))
   configs["transformer"] = diffusers_dit.read_config(component_dir(path, "transformer"))[1]
   configs["vae"] = diffusers_dcae.read_config(component_dir(path, "vae"))[1]
   configs["text_encoder"] = transformers_gemma.read_config(component_dir(path, "text_encoder"))[1]
@@ -122,13 +124,14 @@ def load_components(path, dtype="float32", *, transformer=True):
   transformer=False leaves the DiT out (training samples with the model being trained)."""
   path = resolve_model(path)
   dtype = dtypes.resolve(dtype)
-  settings = read_model_index(path)["sana_jax"]
-  sampler, flow_shift = read_scheduler(path)
+  index = read_model_index(path)
+  scheduler = read_scheduler(path)
+  registry.check_pairing(index["_class_name"], scheduler["sampler"], files.inside(path, "model_index.json"))
   parts = dict(tokenizer=load_tokenizer(component_dir(path, "tokenizer")),
                text_encoder=transformers_gemma.load(component_dir(path, "text_encoder"), dtype=dtype,
                                                     param_dtype=dtype),
                vae=diffusers_dcae.load(component_dir(path, "vae"), dtype=dtype, param_dtype=dtype),
-               sampler=sampler, flow_shift=flow_shift, **settings)
+               **scheduler, **index["sana_jax"])
   if transformer:
     parts["transformer"] = diffusers_dit.load(component_dir(path, "transformer"), dtype=dtype, param_dtype=dtype)
   return parts
@@ -138,16 +141,19 @@ def load_components(path, dtype="float32", *, transformer=True):
 # writing
 
 
-def scheduler_config(scheduler="DPMSolverMultistepScheduler", flow_shift=3.0):
-  """scheduler_config.json: a class name from registry.SCHEDULERS (with `flow_shift`), or a complete
-  config dict with its `_class_name`, written as given."""
+def scheduler_config(scheduler="DPMSolverMultistepScheduler", flow_shift=3.0, sigma_data=None):
+  """scheduler_config.json: a class name from registry.SCHEDULERS (with `flow_shift`, or sCM's
+  `sigma_data`, where that scheduler reads it), or a complete config dict with its `_class_name`,
+  written as given."""
   if isinstance(scheduler, dict):
     registry.scheduler_settings(scheduler, "scheduler config")
     return dict(scheduler)
   if scheduler not in registry.SCHEDULERS:
     raise SanaError(f"scheduler {short(scheduler)}; expected one of {', '.join(registry.SCHEDULERS)}")
   entry = registry.SCHEDULERS[scheduler]
-  return {**writing.library_header(scheduler), **entry.saved, entry.shift_key: float(flow_shift)}
+  given = dict(flow_shift=flow_shift, sigma_data=sigma_data)
+  ours = {key: float(given[keyword]) for key, keyword in entry.settings.items() if given[keyword] is not None}
+  return {**writing.library_header(scheduler), **entry.saved, **ours}
 
 
 def _write_tokenizer(directory, tokenizer):
@@ -169,23 +175,27 @@ def _write_tokenizer(directory, tokenizer):
 
 
 def save_pipeline(directory, *, transformer, vae, text_encoder, tokenizer, scheduler="DPMSolverMultistepScheduler",
-                  flow_shift=3.0, dtype="float32", max_shard_bytes=writing.MAX_SHARD_BYTES, settings=None):
+                  flow_shift=3.0, sigma_data=None, dtype="float32", max_shard_bytes=writing.MAX_SHARD_BYTES,
+                  settings=None, pipeline_class="SanaPipeline"):
   """Writes a diffusers-format Sana pipeline directory (model_index.json, transformer/, vae/,
-  text_encoder/, tokenizer/, scheduler/) that diffusers' and our SanaPipeline.from_pretrained load.
+  text_encoder/, tokenizer/, scheduler/) that diffusers' and our `pipeline_class` (a key of
+  registry.PIPELINES) load.
 
   tokenizer: a transformers tokenizer, or a directory holding one (a pipeline directory works too).
   scheduler: "DPMSolverMultistepScheduler" (Flow-DPM-Solver) or "FlowMatchEulerDiscreteScheduler",
-  set to `flow_shift`; or a full scheduler config dict (e.g. an official repository's), written as
-  given. dtype: of every model's weights (see writing.save_pretrained). settings: prompt encoding and
-  sampling that differ from Sana's (max_sequence_length, complex_human_instruction, guidance_scale),
-  kept under model_index.json's "sana_jax" key for our loader (diffusers ignores it: pass the same
-  values to its __call__)."""
+  set to `flow_shift`, or "SCMScheduler" (Sana-Sprint) with `sigma_data`; or a full scheduler config
+  dict (e.g. an official repository's), written as given. dtype: of every model's weights (see
+  writing.save_pretrained). settings: prompt encoding and sampling that differ from Sana's
+  (max_sequence_length, complex_human_instruction, guidance_scale), kept under model_index.json's
+  "sana_jax" key for our loader (diffusers ignores it: pass the same values to its __call__).
+  pipeline_class: the model_index.json class (a key of registry.PIPELINES)."""
   comps = {"transformer": diffusers_dit.component(transformer), "vae": diffusers_dcae.component(vae),
            "text_encoder": transformers_gemma.component(text_encoder, dtype)}
-  sched = scheduler_config(scheduler, flow_shift)
+  sched = scheduler_config(scheduler, flow_shift, sigma_data)
+  registry.pipeline_class(pipeline_class, "pipeline_class")
   settings = F.validate(dict(settings or {}), SETTINGS, "settings")
   with files.atomic_directory(directory, writing.holds_saved_model) as tmp:
-    index = {**writing.library_header("SanaPipeline"), "scheduler": ["diffusers", sched["_class_name"]]}
+    index = {**writing.library_header(pipeline_class), "scheduler": ["diffusers", sched["_class_name"]]}
     for name, comp in comps.items():
       writing.write_component(os.path.join(tmp, name), comp, dtype, max_shard_bytes)
       index[name] = [comp.library, comp.class_name]

@@ -6,11 +6,14 @@ probability proportional to score^(1/tau) (the reference's CLIP-score weighting,
 """
 import io
 import math
+import os
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from sana_jax import files
 from sana_jax.data import hashing
+from sana_jax.errors import SanaError, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
@@ -22,6 +25,25 @@ def decode(data):
   img.load()  # decodes everything now: truncated or corrupt files fail here, not later
   img = ImageOps.exif_transpose(img)
   return img if img.mode == "RGB" else img.convert("RGB")
+
+
+MAX_IMAGE_BYTES = 256 << 20
+
+
+def load(path, what="image"):
+  """An image file a user names -> RGB PIL image (EXIF orientation applied); a missing, oversized,
+  truncated or undecodable file is a one-line SanaError."""
+  files.regular_file(path, what)
+  if os.path.getsize(path) > MAX_IMAGE_BYTES:
+    raise SanaError(f"{what} {path} is larger than {MAX_IMAGE_BYTES >> 20} MiB")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return decode(data)
+  except Image.UnidentifiedImageError:
+    raise SanaError(f"{what} {path} is not an image in a format Pillow reads") from None
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise SanaError(f"{what} {path} is not a readable image ({one_line(e, 120) or type(e).__name__})") from None
 
 
 def header_size(path):

@@ -12,9 +12,10 @@ def _lambda(sigma):  # log-SNR of the flow path x = (1 - sigma) x0 + sigma noise
   return jnp.log(1.0 - sigma) - jnp.log(sigma)
 
 
-def dpm_step(state, v, sigmas, i, num_steps):
-  """DPM-Solver++ (2M, midpoint) in the data-prediction form. First order on the first and the last
-  step; the last step lands on sigma = 0 and so returns x0."""
+def dpm_step(state, v, sigmas, i, start, num_steps):
+  """DPM-Solver++ (2M, midpoint) in the data-prediction form. First order on the first step run
+  (`start`; image-to-image starts mid-schedule) and the last; the last lands on sigma = 0 and so
+  returns x0."""
   x, prev_x0 = state["x"], state["prev_x0"]
   s, t = sigmas[i], sigmas[i + 1]
   s_prev = sigmas[jnp.maximum(i - 1, 0)]
@@ -25,25 +26,27 @@ def dpm_step(state, v, sigmas, i, num_steps):
   first = (t / s) * x - alpha_t * decay * x0
   r = (_lambda(s) - _lambda(s_prev)) / h
   second = (t / s) * x - alpha_t * decay * x0 - 0.5 * alpha_t * decay * (x0 - prev_x0) / r
-  use_first = (i == 0) | (i == num_steps - 1)
+  use_first = (i == start) | (i == num_steps - 1)
   return {"x": jnp.where(use_first, first, second), "prev_x0": x0}
 
 
-def euler_step(state, v, sigmas, i, num_steps):
+def euler_step(state, v, sigmas, i, start, num_steps):
   return {"x": state["x"] + (sigmas[i + 1] - sigmas[i]) * v, "prev_x0": state["prev_x0"]}
 
 
 SAMPLERS = {"flow_dpm": (flow_dpm_schedule, dpm_step), "flow_euler": (flow_euler_schedule, euler_step)}
 
 
-def denoise(velocity_fn, latents, sigmas, timesteps, step_fn):
-  """Runs every solver step in one scan: velocity_fn(x, timestep) -> v (float32, guidance applied)."""
+def denoise(velocity_fn, latents, sigmas, timesteps, step_fn, start=0):
+  """Runs the solver steps from `start` (a Python int; 0 but for image-to-image, whose latents are
+  already at sigmas[start]) to the end in one scan: velocity_fn(x, timestep) -> v (float32, guidance
+  applied)."""
   num_steps = timesteps.shape[0]
   x = latents.astype(jnp.float32)
 
   def body(state, i):
     v = velocity_fn(state["x"], timesteps[i]).astype(jnp.float32)
-    return step_fn(state, v, sigmas, i, num_steps), None
+    return step_fn(state, v, sigmas, i, start, num_steps), None
 
-  state, _ = jax.lax.scan(body, {"x": x, "prev_x0": jnp.zeros_like(x)}, jnp.arange(num_steps))
+  state, _ = jax.lax.scan(body, {"x": x, "prev_x0": jnp.zeros_like(x)}, jnp.arange(start, num_steps))
   return state["x"]
