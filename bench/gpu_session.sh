@@ -12,3 +12,4 @@ timeout 100 python3 bench/linear_attention.py --check 2>&1 | tee $out/check.log
 timeout 160 python3 bench/linear_attention.py --sweep --repeats 10 2>&1 | tee $out/sweep.log
 timeout 110 python3 bench/linear_attention.py --repeats 20 2>&1 | tee $out/bench.log
 timeout 180 python3 bench/train_step.py --preset gpu 2>&1 | tee $out/train.log
+timeout 300 python3 bench/sprint.py --preset gpu 2>&1 | tee $out/sprint.log

@@ -92,16 +92,19 @@ def build_gpu(dtype):
 
   from bench.text_encoder import GEMMA_2B, tokenizer
   from configs import dcae, sana_sprint_1600m
+  from sana_jax.models import initialized
   from sana_jax.models.dcae import DCAE, DCAEConfig
   from sana_jax.models.dit import SanaTransformer, SanaTransformerConfig
   from sana_jax.models.gemma import GemmaConfig, GemmaTextEncoder
   from sana_jax.sprint import SanaSprintPipeline
   tok = tokenizer()
-  kw = dict(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
-  text = GemmaTextEncoder(GemmaConfig(vocab_size=len(tok), **GEMMA_2B), **kw)
-  dit = SanaTransformer(SanaTransformerConfig.from_dict(sana_sprint_1600m.get_config("res=1024").model.to_dict()),
-                        **kw)
-  vae = DCAE(DCAEConfig.from_dict(dcae.get_config("name=f32c32-sana").model.to_dict()), **kw)
+  kw = dict(dtype=dtype, param_dtype=dtype)
+  text_config = GemmaConfig(vocab_size=len(tok), **GEMMA_2B)
+  dit_config = SanaTransformerConfig.from_dict(sana_sprint_1600m.get_config("res=1024").model.to_dict())
+  vae_config = DCAEConfig.from_dict(dcae.get_config("name=f32c32-sana").model.to_dict())
+  text = initialized(lambda: GemmaTextEncoder(text_config, rngs=nnx.Rngs(0), **kw))
+  dit = initialized(lambda: SanaTransformer(dit_config, rngs=nnx.Rngs(1), **kw))
+  vae = initialized(lambda: DCAE(vae_config, rngs=nnx.Rngs(2), **kw))
   return SanaSprintPipeline(tok, text, dit, vae)
 
 

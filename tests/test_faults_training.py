@@ -163,6 +163,9 @@ def test_failed_restore_is_one_warning_not_a_flood(tmp_path):
       task_error = RuntimeError("Event loop is closed")
       asyncio.log.logger.error("Task exception was never retrieved\\nfuture: <Task coro=<read() defined at %s>>",
                                ocp.__file__, exc_info=(RuntimeError, task_error, None))
+      read_error = ValueError('OUT_OF_RANGE: Error reading "params.a1/0.0" in OCDBT database at local file')
+      asyncio.log.logger.error("Future exception was never retrieved\\nfuture: <Future finished exception=%r>",
+                               read_error, exc_info=(ValueError, read_error, None))
       sys.excepthook(KeyError, KeyError("a real error"), None)
   """)
   out = run([sys.executable, "-c", script])

@@ -96,21 +96,6 @@ def _run_steps(cfg, mesh, steps=2):
   return losses, jax.device_get(state.params), state, trainer
 
 
-@NEEDS_8
-@pytest.mark.slow
-def test_sharded_step_equals_single_device_step():
-  cfg = tiny.get_config()
-  single = parallel.make_mesh(data=1, devices=jax.devices()[:1])
-  sharded = parallel.make_mesh(data=2, fsdp=2, tensor=2)
-  losses_1, params_1, _, _ = _run_steps(cfg, single)
-  losses_8, params_8, state_8, _ = _run_steps(cfg, sharded)
-  kernel = state_8.params["blocks"]["attn1"]["to_q"]["kernel"]
-  assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
-  assert np.allclose(losses_1, losses_8, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_8)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
 def test_gradient_accumulation_matches_one_big_batch():
   cfg = tiny.get_config()
   mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
@@ -145,11 +130,19 @@ def test_non_finite_step_is_skipped_and_counted():
 
 @NEEDS_8
 @pytest.mark.slow
-def test_restore_onto_another_mesh_shape(tmp_path):
+def test_sharded_step_equals_single_device_step_and_restores_onto_another_mesh(tmp_path):
   from sana_jax.training.checkpoint import Checkpointer
   cfg = tiny.get_config()
-  mesh_a = parallel.make_mesh(data=1, fsdp=4, tensor=2)
-  _, params_a, state_a, trainer_a = _run_steps(cfg, mesh_a, steps=2)
+  single = parallel.make_mesh(data=1, devices=jax.devices()[:1])
+  mesh_a = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+  losses_1, params_1, _, _ = _run_steps(cfg, single)
+  losses_a, params_a, state_a, trainer_a = _run_steps(cfg, mesh_a)
+  kernel = state_a.params["blocks"]["attn1"]["to_q"]["kernel"]
+  assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+  assert np.allclose(losses_1, losses_a, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_a)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # saved from this mesh, restored onto another shape
   ckpt = Checkpointer(tmp_path)
   ckpt.save(2, state_a, {"position": 2}, cfg)
   ckpt.close()
@@ -169,9 +162,16 @@ def test_restore_onto_another_mesh_shape(tmp_path):
 
 # ---- whole runs through train.py ---------------------------------------------------------------------
 
+ONE_DEVICE = cpu_env(1)  # what these runs test does not depend on the mesh; one device compiles faster
+
+
 def train_cmd(workdir, *overrides):
   return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
           "--workdir", str(workdir), *overrides]
+
+
+def run_to_end(workdir, *overrides):
+  return subprocess.run(train_cmd(workdir, *overrides), check=True, capture_output=True, cwd=ROOT, env=ONE_DEVICE)
 
 
 def metrics(workdir):
@@ -186,9 +186,10 @@ def train_losses(workdir):
 @pytest.mark.slow
 def test_sigkill_and_restart_logs_the_same_losses(tmp_path):
   steps = ["--config.total_steps=12", "--config.checkpoint_every=4", "--config.eval.every=0"]
-  subprocess.run(train_cmd(tmp_path / "straight", *steps), check=True, capture_output=True, cwd=ROOT)
+  run_to_end(tmp_path / "straight", *steps)
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(train_cmd(killed, *steps), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(train_cmd(killed, *steps), cwd=ROOT, env=ONE_DEVICE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:  # kill it once step 4 is safely on disk
     done = os.path.isdir(killed / "checkpoints" / "4") and os.path.exists(killed / "metrics.jsonl")
@@ -199,7 +200,7 @@ def test_sigkill_and_restart_logs_the_same_losses(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert max(train_losses(killed)) < 12
-  subprocess.run(train_cmd(killed, *steps), check=True, capture_output=True, cwd=ROOT)
+  run_to_end(killed, *steps)
   assert train_losses(killed) == train_losses(tmp_path / "straight")  # bit-exact, every step
   assert sorted(os.listdir(killed / "checkpoints")) == ["12", "4", "8"]
 
@@ -207,8 +208,8 @@ def test_sigkill_and_restart_logs_the_same_losses(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_and_the_run_resumes(tmp_path):
   steps = ["--config.total_steps=200", "--config.checkpoint_every=1000", "--config.eval.every=0"]
-  proc = subprocess.Popen(train_cmd(tmp_path, *steps), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  proc = subprocess.Popen(train_cmd(tmp_path, *steps), cwd=ROOT, env=ONE_DEVICE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and not (os.path.exists(tmp_path / "metrics.jsonl") and train_losses(tmp_path)):
     time.sleep(0.05)
@@ -221,7 +222,7 @@ def test_sigterm_saves_and_the_run_resumes(tmp_path):
   assert max(train_losses(tmp_path)) == saved
   # the next start resumes from that checkpoint and goes on to the end
   resumed = ["--config.total_steps=" + str(saved + 2)] + steps[1:]
-  subprocess.run(train_cmd(tmp_path, *resumed), check=True, capture_output=True, cwd=ROOT)
+  run_to_end(tmp_path, *resumed)
   assert sorted(train_losses(tmp_path)) == list(range(1, saved + 3))
 
 

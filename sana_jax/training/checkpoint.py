@@ -42,6 +42,9 @@ _OK, _DAMAGED, _FAILED = 0, 1, 2
 _NOT_DAMAGE = ("PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
                "CANCELLED", "ABORTED", "Out of memory")
 _ORBAX_DIR = f"{os.sep}orbax{os.sep}"
+# what an abandoned read's never-retrieved task or future says: orbax's code, the closed loop, or a
+# tensorstore read error (a future set from native code carries no Python frames)
+_ABANDONED_READ_MARKS = (_ORBAX_DIR, "Event loop is closed", "OCDBT database", "Error reading")
 _DAMAGE_TYPES = (ValueError, KeyError, IndexError, EOFError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
@@ -244,8 +247,8 @@ def _drop_abandoned_read_noise():
   """When orbax's restore fails, it closes its event loop with reads still in flight, and each of
   them reports on its own, some well after the restore has returned (how many and when depends on
   the machine's speed): tensorstore's completion callback finds the loop closed and prints
-  `RuntimeError: Event loop is closed` through sys.excepthook; the abandoned read coroutines and
-  tasks report through sys.unraisablehook and asyncio's logger. Dozens of tracebacks for one damaged
+  `RuntimeError: Event loop is closed` through sys.excepthook; the abandoned read coroutines report
+  through sys.unraisablehook, their tasks and futures (the read's own error) through asyncio's logger. Dozens of tracebacks for one damaged
   file, which `restore_latest` reports in one line. Installed before the first restore, for the
   life of the process, these filters drop exactly those reports and pass everything else on."""
   global _noise_dropped
@@ -268,14 +271,14 @@ def _drop_abandoned_read_noise():
     if not (from_callback and closed_loop(error)):
       previous_except(kind, error, trace)
 
-  def orbax_task_record(record):
+  def orbax_read_record(record):
     if "never retrieved" not in record.getMessage():
       return True
     told = record.getMessage() + ("".join(traceback.format_exception(*record.exc_info)) if record.exc_info else "")
-    return not (_ORBAX_DIR in told or "Event loop is closed" in told)
+    return not any(mark in told for mark in _ABANDONED_READ_MARKS)
 
   sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
-  logging.getLogger("asyncio").addFilter(orbax_task_record)
+  logging.getLogger("asyncio").addFilter(orbax_read_record)
 
 
 # grain iterator states are dicts of JSON values, or bytes for some iterators: keep both in JSON
