@@ -248,9 +248,10 @@ def _drop_abandoned_read_noise():
   them reports on its own, some well after the restore has returned (how many and when depends on
   the machine's speed): tensorstore's completion callback finds the loop closed and prints
   `RuntimeError: Event loop is closed` through sys.excepthook; the abandoned read coroutines report
-  through sys.unraisablehook, their tasks and futures (the read's own error) through asyncio's logger. Dozens of tracebacks for one damaged
-  file, which `restore_latest` reports in one line. Installed before the first restore, for the
-  life of the process, these filters drop exactly those reports and pass everything else on."""
+  through sys.unraisablehook, their tasks and futures (the read's own error) through asyncio's
+  logger. Dozens of tracebacks for one damaged file, which `restore_latest` reports in one line.
+  Installed before the first restore, for the life of the process, these filters drop exactly those
+  reports and pass everything else on."""
   global _noise_dropped
   if _noise_dropped:
     return
