@@ -102,8 +102,10 @@ class BasePipeline:
 
   @property
   def scheduler_settings(self):
-    """The scheduler's settings as keywords of save_pipeline (flow_shift, sigma_data)."""
-    raise NotImplementedError
+    """The settings its scheduler reads (registry.SCHEDULERS: flow_shift, sigma_data), from the
+    attributes of the same names, as keywords of save_pipeline."""
+    scheduler = registry.SCHEDULERS[registry.scheduler_for(self.sampler)]
+    return {keyword: getattr(self, keyword) for keyword in scheduler.settings.values()}
 
   def _non_default_settings(self):
     defaults = dict(max_sequence_length=300, complex_human_instruction=tuple(COMPLEX_HUMAN_INSTRUCTION),
@@ -263,10 +265,6 @@ class SanaPipeline(BasePipeline):
     self.flow_shift = flow_shift
     self._generate = jax.jit(self._generate_impl,
                              static_argnames=("sampler", "steps", "start", "cfg", "pag", "pag_layers"))
-
-  @property
-  def scheduler_settings(self):
-    return dict(flow_shift=self.flow_shift)
 
   def _generate_impl(self, state, latents, embeds, mask, neg_embeds, neg_mask, guidance, pag_scale=0.0,
                      pag_layers=(), *, sampler, steps, start, cfg, pag=False):

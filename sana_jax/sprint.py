@@ -29,10 +29,6 @@ class SanaSprintPipeline(BasePipeline):
     self.sigma_data = sigma_data
     self._generate = jax.jit(self._generate_impl, static_argnames=("start",))
 
-  @property
-  def scheduler_settings(self):
-    return dict(sigma_data=self.sigma_data)
-
   def encode_prompt(self, prompt, num_images_per_prompt=1, prompt_embeds=None, prompt_attention_mask=None,
                     clean_caption=False, max_sequence_length=None, complex_human_instruction=PIPELINES_OWN):
     """(embeds, mask), repeated per image of a prompt: diffusers' SanaSprintPipeline.encode_prompt, with
