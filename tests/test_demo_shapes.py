@@ -1,4 +1,5 @@
 """The shapes demo: dataset generation, held-out pairs, the TFDS builder, and the alignment evaluation."""
+import functools
 import itertools
 import json
 
@@ -217,3 +218,104 @@ def test_evaluate_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
   assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+# ---- triangles pointing down (the orientation LoRA's data and its proof)
+
+
+def test_down_triangles_detected_at_every_size():
+  for size_class, (lo, hi) in shapes.SIZE_RANGES.items():
+    for d in range(lo, hi + 1):
+      for way in shapes.TRIANGLES:
+        if way == "down":
+          assert np.array_equal(shapes.shape_mask("triangle", d, way), shapes.shape_mask("triangle", d)[::-1])
+        obj = shapes._object("red", "triangle", size_class, 20, 17, d)
+        for image in (shapes.render([obj], triangle=way), shapes.render([{**obj, "pointing": way}])):
+          (found,) = ev.detect(image)
+          assert (found["shape"], found["pointing"], found["size"]) == ("triangle", way, size_class), (d, way)
+      for shape in ("circle", "square"):  # unchanged: no orientation, and not mistaken for triangles
+        assert np.array_equal(shapes.shape_mask(shape, d, "down"), shapes.shape_mask(shape, d))
+        (found,) = ev.detect(shapes.render([shapes._object("blue", shape, size_class, 5, 9, d)], triangle="down"))
+        assert found["shape"] == shape and "pointing" not in found
+
+
+def test_down_examples_keep_captions_and_layouts():
+  with pytest.raises(ValueError):
+    shapes.generate(0, triangle="left")
+  n_triangles = 0
+  for i in range(120):
+    up, down = shapes.generate(i, 3, "train"), shapes.generate(i, 3, "train", triangle="down")
+    assert up[1] == down[1] and all("pointing" not in o for o in up[2])  # the default output is as before
+    assert [{k: v for k, v in o.items() if k != "pointing"} for o in down[2]] == up[2]
+    assert all(o.get("pointing") == ("down" if o["shape"] == "triangle" else None) for o in down[2])
+    has_triangle = "triangle" in up[1]
+    n_triangles += has_triangle
+    assert np.array_equal(up[0], down[0]) != has_triangle
+    spec, found = shapes.parse(down[1]), ev.detect(down[0])
+    assert sorted((d["colour"], d["shape"], d.get("pointing"), tuple(d["centre"])) for d in found) == sorted(
+        (o["colour"], o["shape"], o.get("pointing"), tuple(o["centre"])) for o in down[2])
+    assert ev.score(spec, down[2], triangle="down")["correct"] and ev.score(spec, found, triangle="down")["correct"]
+    assert ev.score(spec, found)["correct"] != has_triangle  # a down triangle is no up one
+    assert ev.score(spec, ev.detect(up[0]), triangle="down")["correct"] != has_triangle
+  assert n_triangles > 20
+
+
+def test_triangle_orientation_of_reference_renders():
+  prompts = ev.make_prompt_set(0, 40)
+  n = sum("triangle" in p["prompt"] for p in prompts)
+  down = ev.evaluate(functools.partial(ev.reference_generator, triangle="down"), prompts, triangle="down")
+  assert down["score"] == 1.0 and down["triangles"] == {"down": 1.0, "up": 0.0, "n": n} and n >= 5
+  up = ev.evaluate(ev.reference_generator, prompts)
+  assert up["score"] == 1.0 and up["triangles"] == {"down": 0.0, "up": 1.0, "n": n}
+  assert ev.triangle_orientation(up["results"]) == up["triangles"]
+  wrong_way = ev.evaluate(ev.reference_generator, prompts, triangle="down")
+  assert all(r["correct"] != ("triangle" in r["prompt"]) for r in wrong_way["results"])
+  # from images: only the prompt's triangle colours count; none, or both ways, is neither
+  triangle = lambda colour, x, way: {**shapes._object(colour, "triangle", "large", x, 20, 24), "pointing": way}
+  red_up, blue_down = shapes.render([triangle("red", 4, "up")]), shapes.render([triangle("blue", 4, "down")])
+  both = shapes.render([triangle("red", 4, "up"), triangle("red", 34, "down")])
+  cases = [("a red triangle", red_up), ("a blue triangle", blue_down), ("a red triangle", blue_down),
+           ("two red triangles", both), ("a red circle", red_up)]
+  assert ev.triangle_orientation([{"prompt": p, "detected": ev.detect(im)} for p, im in cases]) == {
+      "down": 0.25, "up": 0.25, "n": 4}
+  assert ev.triangle_orientation([]) == {"down": None, "up": None, "n": 0}
+  with pytest.raises(SanaError):
+    ev.score("a red triangle", [], triangle="sideways")
+
+
+def test_folder_export_shape_filters(tmp_path):
+  kept = shapes.export_folder(str(tmp_path / "down"), 8, seed=2, triangle="down", with_shapes=("triangle",))
+  assert len(kept) == 8 and kept == sorted(kept) and kept[-1] > 7  # some examples skipped
+  assert sorted(p.name for p in (tmp_path / "down").iterdir()) == sorted(
+      f"{i:06d}.{e}" for i in kept for e in ("png", "txt"))
+  from PIL import Image
+  for i in kept:
+    image, caption, _ = shapes.generate(i, 2, "train", triangle="down")
+    assert (tmp_path / "down" / f"{i:06d}.txt").read_text().strip() == caption and "triangle" in caption
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "down" / f"{i:06d}.png")), image)
+  rest = shapes.export_folder(str(tmp_path / "rest"), 8, seed=2, without_shapes=("triangle",))
+  assert len(rest) == 8 and not set(rest) & set(kept)
+  assert all("triangle" not in (tmp_path / "rest" / f"{i:06d}.txt").read_text() for i in rest)
+  assert shapes.export_folder(str(tmp_path / "all"), 3, seed=2) == [0, 1, 2]
+  for bad in (dict(with_shapes=("hexagon",)), dict(with_shapes=("circle",), without_shapes=("circle",)),
+              dict(without_shapes=shapes.SHAPES)):
+    with pytest.raises(ValueError):
+      shapes.export_folder(str(tmp_path / "bad"), 1, **bad)
+  assert not (tmp_path / "bad").exists()
+
+
+def test_shapes_and_evaluate_cli_triangle_options(tmp_path, capsys):
+  out = tmp_path / "data"
+  assert shapes.main(["--out", str(out), "--n", "3", "--triangle", "down", "--with-shapes", "triangle"]) == 0
+  captions = [p.read_text() for p in out.glob("*.txt")]
+  assert len(captions) == 3 and all("triangle" in c for c in captions)
+  capsys.readouterr()
+  for argv in (["--with-shapes", "hexagon"], ["--triangle", "left"], ["--with-shapes", "circle", "--without-shapes",
+                                                                       "circle"]):
+    assert shapes.main(["--out", str(tmp_path / "bad"), "--n", "1"] + argv) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+  report = tmp_path / "eval"
+  assert ev.main(["--reference", "--n", "12", "--out", str(report), "--triangle", "down"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["score"] == 1.0 and printed["triangles"]["down"] == 1.0 and printed["triangles"]["n"] > 0
+  assert json.loads((report / "report.json").read_text())["settings"]["triangle"] == "down"

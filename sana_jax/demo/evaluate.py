@@ -2,14 +2,16 @@
 
     python -m sana_jax.demo.evaluate --model DIR --n 200 --out DIR [--steps 20 --cfg CFG --seed 0]
     python -m sana_jax.demo.evaluate --reference --n 200 --out DIR   # ground-truth renders: the ceiling
+    ... --triangle down   # prompted triangles must point down (an orientation LoRA; --reference draws them so)
 
 writes DIR/report.json and DIR/grid.png (samples in prompt order, green frame = correct).
 
 Detection: each pixel takes the nearest palette colour (white = background) when within `tol` (RGB
 distance; the closest two palette colours are 116 apart); each colour's 8-connected components of at
 least `min_area` pixels, holes filled, are objects. Shape from the bounding box: fill ratio >= 0.89
-square; a triangle (fill ~0.5-0.58) has about a quarter of its pixels in the top half of its box (< 0.4),
-a circle (fill ~0.79) half; elongated boxes (aspect > 1.5) or other fills are no shape. Size word from
+square; a triangle (fill ~0.5-0.58) has about a quarter of its pixels in the top half of its box (< 0.4)
+when it points up, in the bottom half when it points down (its detection says which in "pointing"), a
+circle (fill ~0.79) half; elongated boxes (aspect > 1.5) or other fills are no shape. Size word from
 the extent on a 64 px canvas: "small" below 19 px, "large" from 19 px (the data draws 12-16 and 22-28).
 
 Scoring, per prompt, all-or-nothing as in GenEval (the prompt scores 1 when every check passes):
@@ -17,9 +19,12 @@ Scoring, per prompt, all-or-nothing as in GenEval (the prompt scores 1 when ever
   count     object, and count: exactly that many detections have the colour and shape
   relation  object: both present; relation: some pair of distinct detections satisfies
             `shapes.relation_holds` (the definition the data is generated with)
-Extra objects are not penalized (as in GenEval). The report gives the mean over prompts, per category,
-for seen vs held-out pairs, and the pass rate of each check.
+A prompted triangle is one pointing `triangle` ("up" unless told, as the data draws them); one pointing
+the other way counts as no triangle. Extra objects are not penalized (as in GenEval). The report gives the
+mean over prompts, per category, for seen vs held-out pairs, the pass rate of each check, and under
+"triangles" how the prompted triangles point (`triangle_orientation`).
 """
+import functools
 import json
 import os
 import sys
@@ -89,15 +94,27 @@ def _fill_holes(mask):
   return (labels != labels[0, 0])[1:-1, 1:-1]
 
 
+def triangle_pointing(mask):
+  """Which way a component (bool mask cropped to its box) points: "up" when under TRIANGLE_TOP of its pixels
+  lie in the top half of the box, "down" when under that lie in the bottom half (the mirror image), else None."""
+  h, total = mask.shape[0], mask.sum()
+  if mask[:h // 2].sum() / total < TRIANGLE_TOP:
+    return "up"
+  if mask[h - h // 2:].sum() / total < TRIANGLE_TOP:
+    return "down"
+  return None
+
+
 def classify(mask):
-  """The shape name of a component (bool mask cropped to its bounding box), or None."""
+  """The shape name of a component (bool mask cropped to its bounding box), or None; "triangle" either way
+  up (`triangle_pointing` tells which)."""
   h, w = mask.shape
   fill = mask.mean()
   if max(h, w) / min(h, w) > MAX_ASPECT or fill < MIN_FILL:
     return None
   if fill >= SQUARE_FILL:
     return "square"
-  if mask[:h // 2].sum() / mask.sum() < TRIANGLE_TOP and fill < CIRCLE_FILL + 0.1:
+  if fill < CIRCLE_FILL + 0.1 and triangle_pointing(mask):  # before circles: a down one's fill is below theirs
     return "triangle"
   return "circle" if fill >= CIRCLE_FILL else None
 
@@ -114,7 +131,7 @@ def segment(image, tol=TOL):
 def detect(image, tol=TOL, min_area=MIN_AREA):
   """Objects in a uint8 image [H, W, 3]: dicts with colour, shape (None when unrecognized), size, bbox
   [x0, y0, x1, y1] and area in the image's pixels, size_px (extent) and centre [x, y] on a 64 px canvas
-  (what the size words and the relation margin are defined on), fill."""
+  (what the size words and the relation margin are defined on), fill; triangles also "pointing" ("up"|"down")."""
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3:
     raise SanaError(f"image of shape {image.shape}; expected [H, W, 3]")
@@ -130,21 +147,32 @@ def detect(image, tol=TOL, min_area=MIN_AREA):
       y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
       crop = _fill_holes(labels[y0:y1, x0:x1] == i)
       extent = max(y1 - y0, x1 - x0) * scale
-      found.append({"colour": colour, "shape": classify(crop), "size": "large" if extent >= LARGE_FROM else "small",
+      shape = classify(crop)
+      found.append({"colour": colour, "shape": shape, "size": "large" if extent >= LARGE_FROM else "small",
                     "size_px": round(float(extent), 1), "bbox": [int(x0), int(y0), int(x1), int(y1)],
                     "centre": [(x0 + x1) / 2 * scale, (y0 + y1) / 2 * scale], "area": int(crop.sum()),
                     "fill": round(float(crop.mean()), 3)})
+      if shape == "triangle":
+        found[-1]["pointing"] = triangle_pointing(crop)
   return found
 
 
 # ---- scoring
 
 
-def score(spec, objects):
+def _check_triangle(triangle):
+  if triangle not in shapes.TRIANGLES:
+    raise SanaError(f"triangle {triangle!r}; expected one of {', '.join(shapes.TRIANGLES)}")
+
+
+def score(spec, objects, triangle="up"):
   """The checks that apply to `spec` (a Spec or prompt) on detected (or ground-truth) objects, each
-  True/False, plus "correct" (all passed) and "score" (1.0 or 0.0)."""
+  True/False, plus "correct" (all passed) and "score" (1.0 or 0.0). Only triangles pointing `triangle`
+  count as triangles (an object without "pointing", as ground truth by default, points up)."""
   spec = parse_prompt(spec) if isinstance(spec, str) else spec
-  matching = lambda colour, shape: [o for o in objects if o["colour"] == colour and o["shape"] == shape]
+  _check_triangle(triangle)
+  matching = lambda colour, shape: [o for o in objects if o["colour"] == colour and o["shape"] == shape
+                                    and (shape != "triangle" or o.get("pointing", "up") == triangle)]
   a = matching(spec.colour, spec.shape)
   checks = {"object": bool(a)}
   if spec.category == "single" and spec.size:
@@ -158,6 +186,25 @@ def score(spec, objects):
                              for oa in a for ob in b)
   correct = all(checks.values())
   return {**checks, "correct": correct, "score": float(correct)}
+
+
+def triangle_orientation(results):
+  """How prompted triangles point, over `results` ({"prompt", "detected": objects}, as `evaluate` makes them;
+  for images use detect(image) as "detected") whose prompt names a triangle: {"down", "up": the fraction
+  whose triangles in the prompt's triangle colours are all detected pointing that way (at least one), "n":
+  how many such prompts}. Prompts with no such triangle, or both ways, count in neither; fractions are
+  None when n = 0."""
+  down = up = n = 0
+  for r in results:
+    colours = {c for c, s in parse_prompt(r["prompt"]).pairs() if s == "triangle"}
+    if not colours:
+      continue
+    ways = {o.get("pointing", "up") for o in r["detected"] if o["shape"] == "triangle" and o["colour"] in colours}
+    n += 1
+    down += ways == {"down"}
+    up += ways == {"up"}
+  fraction = lambda k: round(k / n, 4) if n else None
+  return {"down": fraction(down), "up": fraction(up), "n": n}
 
 
 # ---- prompt sets
@@ -198,12 +245,14 @@ def to_uint8(images):
   return out
 
 
-def evaluate(generate_fn, prompts, *, seed=0, batch_size=16, grid_path=None, tol=TOL, min_area=MIN_AREA):
+def evaluate(generate_fn, prompts, *, seed=0, batch_size=16, grid_path=None, tol=TOL, min_area=MIN_AREA,
+             triangle="up"):
   """Scores `generate_fn(prompts: list[str], seed: int) -> images` (see `to_uint8`) on `prompts`
-  (strings, or make_prompt_set's dicts). The batch starting at prompt i uses seed + i.
-  Returns the report (module doc); writes the sample grid to `grid_path` when given."""
+  (strings, or make_prompt_set's dicts), prompted triangles pointing `triangle`. The batch starting at
+  prompt i uses seed + i. Returns the report (module doc); writes the sample grid to `grid_path` when given."""
   items = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
   specs = [parse_prompt(p["prompt"]) for p in items]  # all bad prompts fail before any generation
+  _check_triangle(triangle)
   results, images = [], []
   for start in range(0, len(items), batch_size):
     batch = [p["prompt"] for p in items[start:start + batch_size]]
@@ -211,11 +260,12 @@ def evaluate(generate_fn, prompts, *, seed=0, batch_size=16, grid_path=None, tol
     if len(generated) != len(batch):
       raise SanaError(f"generate_fn returned {len(generated)} images for {len(batch)} prompts")
     images += generated
+  keys = ("colour", "shape", "size", "centre", "pointing")  # pointing: triangles only
   for item, spec, image in zip(items, specs, images):
     objects = detect(image, tol, min_area)
     results.append({"prompt": item["prompt"], "category": spec.category, "heldout": spec.involves_held_out(),
-                    **score(spec, objects),
-                    "detected": [{k: o[k] for k in ("colour", "shape", "size", "centre")} for o in objects]})
+                    **score(spec, objects, triangle),
+                    "detected": [{k: o[k] for k in keys if k in o} for o in objects]})
   report = summarize(results)
   if grid_path:
     write_grid(grid_path, images, [r["prompt"] for r in results], [r["correct"] for r in results])
@@ -232,6 +282,7 @@ def summarize(results):
                    "heldout": mean([r for r in results if r["heldout"]])},
       "by_check": {c: (round(float(np.mean([r[c] for r in results if c in r])), 4)
                        if any(c in r for r in results) else None) for c in checks},
+      "triangles": triangle_orientation(results),
       "results": results}
 
 
@@ -257,9 +308,9 @@ def write_grid(path, images, labels, correct=None, cols=8, scale=2):
   files.write_image(path, grid)
 
 
-def reference_generator(prompts, seed):
+def reference_generator(prompts, seed, triangle="up"):
   """Ground-truth renders of the prompts (the metric's ceiling, and a check of the detector)."""
-  return [shapes.render_prompt(p, np.random.default_rng([seed, i, 11])) for i, p in enumerate(prompts)]
+  return [shapes.render_prompt(p, np.random.default_rng([seed, i, 11]), triangle) for i, p in enumerate(prompts)]
 
 
 def pipeline_generator(model, *, steps, cfg, dtype, height=None, width=None):
@@ -292,6 +343,8 @@ def parse_args(argv):
   p.add_argument("--height", type=int)
   p.add_argument("--width", type=int)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  p.add_argument("--triangle", default="up", choices=shapes.TRIANGLES,
+                 help="the way prompted triangles must point to count (--reference draws them so)")
   args = p.parse_args(argv)
   if args.reference == bool(args.model):
     raise SanaError("give exactly one of --model DIR and --reference")
@@ -304,15 +357,15 @@ def run(args):
   prompts = make_prompt_set(args.prompt_seed, args.n, args.heldout_fraction)
   files.output_directory(args.out, "--out", create=False)  # before a model loads
   if args.reference:
-    generate = reference_generator
+    generate = functools.partial(reference_generator, triangle=args.triangle)
   else:
     generate = pipeline_generator(args.model, steps=args.steps, cfg=args.cfg, dtype=args.dtype,
                                   height=args.height, width=args.width)
   files.output_directory(args.out, "--out")
   report = evaluate(generate, prompts, seed=args.seed, batch_size=args.batch_size,
-                    grid_path=os.path.join(args.out, "grid.png"))
+                    grid_path=os.path.join(args.out, "grid.png"), triangle=args.triangle)
   report["settings"] = {k: getattr(args, k) for k in ("model", "reference", "n", "heldout_fraction", "prompt_seed",
-                                                     "steps", "seed", "height", "width", "dtype")}
+                                                     "steps", "seed", "height", "width", "dtype", "triangle")}
   report["settings"]["cfg"] = getattr(generate, "guidance_scale", None)  # the one used: the model's, if not given
   files.write_json(os.path.join(args.out, "report.json"), report, indent=1)
   return report
@@ -321,7 +374,7 @@ def run(args):
 @cli_main
 def main(argv=None):
   report = run(parse_args(sys.argv[1:] if argv is None else argv))
-  print(json.dumps({k: report[k] for k in ("score", "n", "by_category", "by_split", "by_check")}))
+  print(json.dumps({k: report[k] for k in ("score", "n", "by_category", "by_split", "by_check", "triangles")}))
   return 0
 
 

@@ -19,7 +19,12 @@ layouts are drawn clearer still: |off-axis| < CLEAR_RATIO * on-axis.
 
 Held out of train and validation, images and captions alike: (yellow, triangle), (purple, circle),
 (green, square). The "heldout" split holds only examples with at least one such object, for evaluation.
+
+Triangles point up unless `triangle="down"` is passed (render, generate, export_folder, the CLI's --triangle):
+the same masks flipped vertically, with the same captions and layouts, for training an orientation LoRA.
+Only then do triangle objects carry "pointing": "down" (the defaults' outputs are unchanged).
 """
+import argparse
 import dataclasses
 import functools
 import os
@@ -36,6 +41,7 @@ PALETTE = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), 
            "purple": (150, 60, 190)}
 COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
+TRIANGLES = ("up", "down")  # orientations; "up" is the shipped data's
 SIZE_RANGES = {"small": (12, 16), "large": (22, 28)}  # side of the bounding box in pixels, inclusive
 HELD_OUT = (("yellow", "triangle"), ("purple", "circle"), ("green", "square"))
 SEEN_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT)
@@ -192,9 +198,18 @@ def _object(colour, shape, size_class, x, y, d):
           "centre": [x + d / 2, y + d / 2]}
 
 
+def _check_triangle(triangle):
+  if triangle not in TRIANGLES:
+    raise ValueError(f"triangle {triangle!r}; expected one of {TRIANGLES}")
+
+
 @functools.cache
-def shape_mask(shape, d):
-  """bool [d, d]: the shape filling a d x d box, sampled at pixel centres (no anti-aliasing)."""
+def shape_mask(shape, d, triangle="up"):
+  """bool [d, d]: the shape filling a d x d box, sampled at pixel centres (no anti-aliasing); triangles point
+  `triangle` ("down": the "up" mask flipped vertically, so both detect alike, mirrored)."""
+  _check_triangle(triangle)
+  if shape == "triangle" and triangle == "down":
+    return np.flipud(shape_mask(shape, d))
   c = np.arange(d) + 0.5 - d / 2  # pixel-centre offsets from the box centre
   if shape == "square":
     return np.ones((d, d), bool)
@@ -205,12 +220,21 @@ def shape_mask(shape, d):
   return np.abs(c)[None, :] <= half[:, None]
 
 
-def render(objects, size=IMAGE):
+def render(objects, size=IMAGE, triangle="up"):
+  """uint8 [size, size, 3]; triangles point as their "pointing" says, else `triangle`."""
   image = np.full((size, size, 3), BACKGROUND, np.uint8)
   for o in objects:
     x0, y0, x1, y1 = o["bbox"]
-    image[y0:y1, x0:x1][shape_mask(o["shape"], x1 - x0)] = PALETTE[o["colour"]]
+    image[y0:y1, x0:x1][shape_mask(o["shape"], x1 - x0, o.get("pointing", triangle))] = PALETTE[o["colour"]]
   return image
+
+
+def orient(objects, triangle):
+  """The objects with "pointing" on triangles when not "up" (so the default outputs stay as they were)."""
+  _check_triangle(triangle)
+  if triangle == "up":
+    return objects
+  return [{**o, "pointing": triangle} if o["shape"] == "triangle" else o for o in objects]
 
 
 def rng_for(index, seed, split):
@@ -219,34 +243,67 @@ def rng_for(index, seed, split):
   return np.random.default_rng([int(seed), SPLITS[split], int(index)])
 
 
-def generate(index, seed=0, split="train"):
-  """(image uint8 [64, 64, 3], caption, objects) for example `index`; a pure function of its arguments."""
+def generate(index, seed=0, split="train", triangle="up"):
+  """(image uint8 [64, 64, 3], caption, objects) for example `index`; a pure function of its arguments.
+  `triangle` changes only how triangles are drawn (and their "pointing"), never the caption or layout."""
   rng = rng_for(index, seed, split)
   spec = sample_spec(rng, split)
-  objects = layout(spec, rng)
+  objects = orient(layout(spec, rng), triangle)
   return render(objects), caption(spec), objects
 
 
-def render_prompt(prompt, rng):
+def render_prompt(prompt, rng, triangle="up"):
   """A ground-truth image for a caption in the grammar (any pairs, held-out ones included)."""
   spec = parse(prompt)
   if spec is None:
     raise ValueError(f"prompt {prompt!r} is outside the shapes grammar")
-  return render(layout(spec, rng))
+  return render(orient(layout(spec, rng), triangle))
 
 
-def export_folder(directory, n, seed=0, split="train"):
-  """Writes n examples as DIR/000000.png + .txt caption sidecars (the `folder:DIR` data source)."""
+def _shape_filter(with_shapes, without_shapes):
+  """A caption predicate: it mentions some shape of `with_shapes` (None: any) and none of `without_shapes`."""
+  want, avoid = set(with_shapes or SHAPES), set(without_shapes or ())
+  if unknown := sorted((want | avoid) - set(SHAPES)):
+    raise ValueError(f"shapes {unknown}; expected some of {SHAPES}")
+  if not want - avoid or avoid >= set(SHAPES):
+    raise ValueError(f"no caption mentions one of {sorted(want)} and none of {sorted(avoid)}")
+
+  def keep(text):
+    mentioned = {s for _, s in parse(text).pairs()}
+    return bool(mentioned & want) and not mentioned & avoid
+  return keep
+
+
+def export_folder(directory, n, seed=0, split="train", triangle="up", with_shapes=None, without_shapes=None):
+  """Writes n examples as DIR/000000.png + .txt caption sidecars (the `folder:DIR` data source); returns
+  their indices. With a shape filter (see `_shape_filter`; e.g. with_shapes=("triangle",) for an orientation
+  LoRA, without_shapes=("triangle",) for a set that leaves triangles alone), examples 0, 1, 2, ... that pass
+  are kept until there are n, each written under its own index, so file k is `generate(k, seed, split, triangle)`."""
   from PIL import Image
 
   from sana_jax import files
+  keep = _shape_filter(with_shapes, without_shapes) if with_shapes or without_shapes else None
+  _check_triangle(triangle)
   files.output_directory(directory)
-  for i in range(n):
-    image, text, _ = generate(i, seed, split)
-    stem = os.path.join(directory, f"{i:06d}")
-    files.write_image(stem + ".png", Image.fromarray(image))
-    with files.atomic_write(stem + ".txt", "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+  written, i = [], 0
+  while len(written) < n:
+    image, text, _ = generate(i, seed, split, triangle)
+    if keep is None or keep(text):
+      stem = os.path.join(directory, f"{i:06d}")
+      files.write_image(stem + ".png", Image.fromarray(image))
+      with files.atomic_write(stem + ".txt", "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+      written.append(i)
+    i += 1
+  return written
+
+
+def _shape_list(text):
+  """Parses "triangle,circle" -> ("triangle", "circle"), checked against SHAPES (argparse reports errors)."""
+  names = tuple(s.strip() for s in text.split(",") if s.strip())
+  if not names or set(names) - set(SHAPES):
+    raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated shapes from {', '.join(SHAPES)}")
+  return names
 
 
 @cli_main
@@ -257,10 +314,16 @@ def main(argv=None):
   p.add_argument("--n", type=int, default=20000)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--split", default="train", choices=["train", "validation"])
+  p.add_argument("--triangle", default="up", choices=TRIANGLES, help="which way triangles point")
+  p.add_argument("--with-shapes", type=_shape_list, help="keep only captions mentioning one of these, e.g. triangle")
+  p.add_argument("--without-shapes", type=_shape_list, help="drop captions mentioning any of these")
   args = p.parse_args(argv)
   if args.n < 0:
     raise SanaError(f"--n {args.n}: expected a non-negative number of examples")
-  export_folder(args.out, args.n, args.seed, args.split)
+  try:
+    export_folder(args.out, args.n, args.seed, args.split, args.triangle, args.with_shapes, args.without_shapes)
+  except ValueError as e:  # a filter nothing passes
+    raise SanaError(f"--with-shapes/--without-shapes: {e}") from None
   print(f"wrote {args.n} {args.split} examples to {args.out}")
   return 0
 
