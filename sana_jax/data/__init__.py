@@ -16,6 +16,11 @@ Checkpointing with orbax (grain's handler writes get_state() as process_{i}-of-{
 Image sources ("folder:DIR", "tfds:NAME") yield {"images" f32 [b, H, W, 3] in [-1, 1], "captions"
 object [b]} instead (`it.kind == "images"`); `python -m sana_jax.data.precompute` turns them into
 latents once. Config keys: `config.DEFAULTS`; record format: `records`; plans: `plan`.
+
+DreamBooth (a few images of one subject, e.g. for LoRA): data.instance_prompt captions every image of a
+folder: source, data.repeats shows each example that many times per epoch, and data.class_source with
+data.class_prompt mixes in prior-preservation class images (`sources.DreamBoothSource`); precompute's
+--instance-prompt, --class-images and --class-prompt put the same into records.
 """
 import logging
 import numbers

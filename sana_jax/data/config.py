@@ -1,9 +1,10 @@
 """The data config (`cfg.data`): keys, defaults and their meaning. Unknown keys are errors."""
+import numbers
 import types
 
 import ml_collections as mlc
 
-from sana_jax.errors import SanaError
+from sana_jax.errors import SanaError, short
 
 DEFAULTS = dict(
     # "synthetic" | "array_record:DIR_OR_GLOB" (precomputed latents) | "tfds:NAME" (TFDS image dataset,
@@ -26,8 +27,17 @@ DEFAULTS = dict(
     read_threads=2,           # threads building batches in each process (or worker)
     prefetch=4,               # batches buffered ahead by those threads
     max_refill=16,            # a bad example is replaced by up to this many candidates, then error
-    with_index=False,         # add "index" int32 [b]: the example ids in the batch
+    with_index=False,         # add "index" int32 [b]: the example ids in the batch (with repeats or class_source:
+                              # the ids of `sources.DreamBoothSource`)
+    # DreamBooth (as diffusers' train_dreambooth_lora_sana.py): a handful of images of one subject
+    repeats=1,                # each (instance) example this many times per epoch, copies drawing captions apart
+    instance_prompt=None,     # folder:DIR sources: THE caption of every image (sidecars ignored, none needed);
+                              # precomputed records carry precompute's --instance-prompt instead
+    class_source=None,        # "folder:DIR": prior-preservation class images, each once per epoch, in the same
+                              # batches as the instance images (precompute: --class-images); see DreamBoothSource
+    class_prompt=None,        # the caption of every class image; required with class_source
 )
+MAX_REPEATS = 10000
 
 
 def default_config():
@@ -44,4 +54,36 @@ def resolve(cfg):
   for name in ("num_workers", "read_threads", "prefetch", "max_refill"):
     if getattr(c, name) < 0:
       raise SanaError(f"data.{name} must be non-negative, got {getattr(c, name)}")
+  _check_dreambooth(c)
   return c
+
+
+def check_prompt(name, value):
+  """A DreamBooth prompt: a non-empty string (an empty one would train the unconditional embedding)."""
+  if not isinstance(value, str) or not value.strip():
+    raise SanaError(f"{name} must be a non-empty string, got {short(value)}")
+  return value
+
+
+def _check_dreambooth(c):
+  kind = str(c.source).partition(":")[0]
+  if isinstance(c.repeats, bool) or not isinstance(c.repeats, numbers.Integral) or not 1 <= c.repeats <= MAX_REPEATS:
+    raise SanaError(f"data.repeats must be an integer in [1, {MAX_REPEATS}], got {short(c.repeats)}")
+  c.repeats = int(c.repeats)
+  if c.instance_prompt is not None:
+    check_prompt("data.instance_prompt", c.instance_prompt)
+    if kind != "folder":
+      raise SanaError(f"data.instance_prompt needs a folder:DIR source, not {short(c.source)} (precomputed records: "
+                      "precompute with --instance-prompt)")
+  if c.class_prompt is not None:
+    check_prompt("data.class_prompt", c.class_prompt)
+    if c.class_source is None:
+      raise SanaError("data.class_prompt is set without data.class_source (the class images' folder:DIR)")
+  if c.class_source is not None:
+    if not (isinstance(c.class_source, str) and c.class_source.startswith("folder:") and c.class_source[7:]):
+      raise SanaError(f"data.class_source must be 'folder:DIR', got {short(c.class_source)}")
+    if kind != "folder":
+      raise SanaError(f"data.class_source needs a folder:DIR source, not {short(c.source)} (precomputed records: "
+                      "precompute with --class-images and --class-prompt)")
+    if c.class_prompt is None:
+      raise SanaError("data.class_source needs data.class_prompt, the caption of every class image")

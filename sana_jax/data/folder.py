@@ -1,7 +1,8 @@
 """Image folders with caption sidecars: `x.jpg` + `x.txt` (one caption) or `x.json`
 ({"captions": [...], "clip_scores": [...]}, the reference's VLM re-captioning). JSON wins when both
 exist; an image with neither gets the empty caption (unconditional). Sub-folders are walked; keys are
-paths relative to the folder, in sorted order, so indices are stable across runs.
+paths relative to the folder, in sorted order, so indices are stable across runs. With a DreamBooth
+prompt every image gets that one caption and sidecars are not read.
 """
 import dataclasses
 import json
@@ -38,9 +39,9 @@ def read_sidecar(path):
   return ("",), (1.0,)
 
 
-def scan(folder):
-  """(items, bad): the images under `folder` with their captions, and (key, reason) for each image
-  whose sidecar could not be read."""
+def scan(folder, prompt=None):
+  """(items, bad): the images under `folder` with their captions (`prompt` for all, when given), and
+  (key, reason) for each image whose sidecar could not be read."""
   if not os.path.isdir(folder):
     raise SanaError(f"image folder {folder!r} does not exist")
   items, bad = [], []
@@ -51,6 +52,9 @@ def scan(folder):
         continue
       path = os.path.join(root, name)
       key = os.path.relpath(path, folder)
+      if prompt is not None:
+        items.append(Item(key, path, (prompt,), (1.0,)))
+        continue
       try:
         captions, scores = read_sidecar(path)
       except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:

@@ -3,10 +3,16 @@ as ArrayRecord shards + metadata that `source="array_record:OUT"` trains from (f
 
   python -m sana_jax.data.precompute --images DIR_OR_tfds:NAME --model DIFFUSERS_DIR --out DIR \
       [--resolution 512] [--batch-size 16] [--all-captions]
+      [--instance-prompt TEXT] [--class-images DIR --class-prompt TEXT]   # DreamBooth
 
 Images go through the training transform (nearest aspect bucket of `--resolution`, resize-cover,
 centre crop), in order, bucket by bucket. Unreadable images are skipped and counted; the output
 appears only when complete (written to OUT.partial, then renamed).
+
+DreamBooth: --instance-prompt is the caption of every --images folder image (sidecars ignored);
+--class-images are written into the same records with --class-prompt, and the metadata lists them
+(`class_examples`), so training with data.repeats repeats only the instance images (see
+`sources.DreamBoothSource` for the prior-preservation semantics).
 """
 import json
 import logging
@@ -19,20 +25,41 @@ import numpy as np
 from sana_jax import files
 from sana_jax.data import loader, records
 from sana_jax.data.buckets import bucket_table
+from sana_jax.data.config import check_prompt
 from sana_jax.data.plan import Plans
-from sana_jax.data.sources import FolderSource, TfdsImageSource
+from sana_jax.data.sources import FolderSource, TfdsImageSource, dreambooth
 from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
 log = logging.getLogger(__name__)
 
 
-def image_source(images, *, data_dir=None, split="train", table, seed=0, tau=0.1):
-  """`tfds:NAME` -> a TFDS image dataset; a directory -> an image folder with caption sidecars."""
+def image_source(images, *, data_dir=None, split="train", table, seed=0, tau=0.1, prompt=None):
+  """`tfds:NAME` -> a TFDS image dataset; a directory -> an image folder with caption sidecars (or all
+  captioned `prompt`)."""
   if images.startswith("tfds:"):
+    if prompt is not None:
+      raise SanaError("--instance-prompt needs an image folder for --images, not tfds:NAME")
     return TfdsImageSource(images[5:], data_dir=data_dir, split=split, table=table, seed=seed, tau=tau)
   if os.path.isdir(images):
-    return FolderSource(images, table=table, seed=seed, tau=tau)
+    return FolderSource(images, table=table, seed=seed, tau=tau, prompt=prompt)
   raise SanaError(f"--images {images!r}: neither a directory nor tfds:NAME")
+
+
+def check_dreambooth(images, instance_prompt=None, class_images=None, class_prompt=None):
+  """One-line errors for DreamBooth flags that do not fit together, before any model loads."""
+  folder = not str(images).startswith("tfds:")
+  if instance_prompt is not None:
+    check_prompt("--instance-prompt", instance_prompt)
+    if not folder:
+      raise SanaError("--instance-prompt needs an image folder for --images, not tfds:NAME")
+  if (class_images is None) != (class_prompt is None):
+    raise SanaError("--class-images and --class-prompt go together")
+  if class_images is not None:
+    check_prompt("--class-prompt", class_prompt)
+    if not folder:
+      raise SanaError("--class-images needs an image folder for --images, not tfds:NAME")
+    if not os.path.isdir(os.path.expanduser(class_images)):
+      raise SanaError(f"--class-images {class_images!r} is not a directory")
 
 
 def _keep_all(examples, caption_length=None):
@@ -42,7 +69,8 @@ def _keep_all(examples, caption_length=None):
 
 def precompute(images, out, *, encode_images, encode_captions, scaling_factor, buckets, null_text=None,
                spatial_compression=32, batch_size=16, data_dir=None, split="train", all_captions=False, tau=0.1, seed=0,
-               latent_dtype="float16", shard_size=1024, overwrite=False, read_threads=2, extra_metadata=None):
+               latent_dtype="float16", shard_size=1024, overwrite=False, read_threads=2, extra_metadata=None,
+               instance_prompt=None, class_images=None, class_prompt=None):
   """Writes the dataset to `out`; returns its metadata.
 
   encode_images(images f32 [B, H, W, 3] in [-1, 1]) -> unscaled latents [B, H/f, W/f, C];
@@ -51,7 +79,10 @@ def precompute(images, out, *, encode_images, encode_captions, scaling_factor, b
   null_text: (y [L, Dy], mask [L]) of the empty caption, stored for caption dropout (`data.null_text`).
   With all_captions every caption of an image is encoded (chosen per epoch when training), else one,
   drawn with weight score^(1/tau) as for epoch 0.
+  instance_prompt: the caption of every image of the `images` folder; class_images (a folder) with
+  class_prompt: prior-preservation images written into the same records (DreamBooth).
   """
+  check_dreambooth(images, instance_prompt, class_images, class_prompt)
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.isdir(out) and os.listdir(out):
     if not overwrite:
@@ -61,7 +92,11 @@ def precompute(images, out, *, encode_images, encode_captions, scaling_factor, b
   if batch_size <= 0 or shard_size <= 0:
     raise SanaError(f"batch size {batch_size} and shard size {shard_size} must be positive")
   table = bucket_table(buckets, 1, spatial_compression)
-  source = image_source(images, data_dir=data_dir, split=split, table=table, seed=seed, tau=tau)
+  source = image_source(images, data_dir=data_dir, split=split, table=table, seed=seed, tau=tau, prompt=instance_prompt)
+  if class_images is not None:
+    source = dreambooth(source, classes=FolderSource(os.path.expanduser(class_images), table=table, seed=seed, tau=tau,
+                                                     prompt=class_prompt))
+  given = dict(instance_prompt=instance_prompt, class_images=class_images, class_prompt=class_prompt)
   plans = Plans(source.bucket_ids, len(table), batch_size, seed, shuffle=False, drop_remainder=False)
   batches = loader.GlobalBatches(source, plans, epochs=1, refill=False, collate=_keep_all, with_index=True)
   with files.atomic_directory(out) as tmp:  # --out appears whole, replacing a previous output, or not at all
@@ -69,7 +104,7 @@ def precompute(images, out, *, encode_images, encode_captions, scaling_factor, b
                   np.dtype(latent_dtype), shard_size, read_threads)
     meta.update(source=images, resolution_buckets=[[h, w] for _, h, w in table], scaling_factor=float(scaling_factor),
                 spatial_compression=spatial_compression, captions="all" if all_captions else "one", tau=tau,
-                seed=seed, **(extra_metadata or {}))
+                seed=seed, **{k: v for k, v in given.items() if v is not None}, **(extra_metadata or {}))
     if null_text is not None:
       records.write_null_text(tmp, *null_text)
     files.write_json(os.path.join(tmp, records.METADATA), meta, indent=1)
@@ -81,6 +116,8 @@ def _write(batches, source, directory, encode_images, encode_captions, scale, al
            shard_size, read_threads):
   writer = records.ShardWriter(directory, shard_size)
   seen, bad_keys, shapes = set(), [], {}
+  class_mask = getattr(source, "class_mask", None)
+  written, class_rows = {}, []  # records per bucket so far; (bucket, row in it) of each class image
   it = loader.iterate(batches, read_threads=read_threads, prefetch=2)
   start, done = time.time(), 0
   try:
@@ -102,7 +139,10 @@ def _write(batches, source, directory, encode_images, encode_captions, scale, al
           bad_keys.append(e["key"])  # overflow in the stored precision: unusable for training
           continue
         scores = e["scores"] if all_captions else e["scores"][e["choice"]:e["choice"] + 1]
-        size = batch["images"].shape[1:3]
+        size = tuple(batch["images"].shape[1:3])
+        if class_mask is not None and class_mask[index]:
+          class_rows.append((size, written.get(size, 0)))
+        written[size] = written.get(size, 0) + 1
         writer.write(size, lat.shape, records.make_record(lat, yi, mi, captions=texts[i], scores=scores, key=e["key"],
                                                            size=size, latent_dtype=latent_dtype))
         shapes = dict(latent_channels=lat.shape[-1], caption_length=y.shape[1], caption_channels=y.shape[2])
@@ -115,9 +155,13 @@ def _write(batches, source, directory, encode_images, encode_captions, scale, al
     raise SanaError("no image could be read and encoded; nothing written")
   lost = [source.describe(i) for i in np.nonzero(source.bucket_ids >= 0)[0] if int(i) not in seen]
   skipped = list(getattr(source, "skipped_examples", [])) + lost + bad_keys
-  return dict(format=records.FORMAT, version=records.VERSION, count=sum(b["count"] for b in buckets),
+  meta = dict(format=records.FORMAT, version=records.VERSION, count=sum(b["count"] for b in buckets),
               skipped=source.scan_skipped + len(lost) + len(bad_keys), skipped_examples=skipped[:100],
               latent_dtype=latent_dtype.name, buckets=buckets, **shapes)
+  if class_mask is not None:  # global record indices: the buckets' files in the metadata's order
+    first = dict(zip((tuple(b["size"]) for b in buckets), np.cumsum([0] + [b["count"] for b in buckets]).tolist()))
+    meta["class_examples"] = sorted(first[size] + row for size, row in class_rows)
+  return meta
 
 
 def load_encoders(model, *, dtype="float32", max_sequence_length=300, batch_size=16):
@@ -181,12 +225,16 @@ def parse_args(argv):
   p.add_argument("--shard-size", type=int, default=1024, help="records per ArrayRecord file")
   p.add_argument("--threads", type=int, default=4, help="threads decoding and resizing images")
   p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--instance-prompt", default=None, help="DreamBooth: the caption of every --images image")
+  p.add_argument("--class-images", default=None, help="DreamBooth prior preservation: a folder of class images")
+  p.add_argument("--class-prompt", default=None, help="the caption of every --class-images image")
   return p.parse_args(argv)
 
 
 def run(args):
   buckets = [(args.resolution, args.resolution)] if args.square else args.resolution
-  bucket_table(buckets, 1, 32)  # fail on a bad resolution before loading any model
+  bucket_table(buckets, 1, 32)  # fail on a bad resolution or DreamBooth flag before loading any model
+  check_dreambooth(args.images, args.instance_prompt, args.class_images, args.class_prompt)
   encode_images, encode_captions, null, scale, f = load_encoders(
       args.model, dtype=args.dtype, batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
   return precompute(args.images, args.out, encode_images=encode_images, encode_captions=encode_captions,
@@ -194,7 +242,9 @@ def run(args):
                     batch_size=args.batch_size,
                     data_dir=args.data_dir, split=args.split, all_captions=args.all_captions, tau=args.tau,
                     seed=args.seed, latent_dtype=args.latent_dtype, shard_size=args.shard_size,
-                    overwrite=args.overwrite, read_threads=args.threads, extra_metadata={"model": args.model})
+                    overwrite=args.overwrite, read_threads=args.threads, extra_metadata={"model": args.model},
+                    instance_prompt=args.instance_prompt, class_images=args.class_images,
+                    class_prompt=args.class_prompt)
 
 
 @cli_main

@@ -6,6 +6,8 @@
                (found unreadable while scanning: never loaded, counted in `scan_skipped`)
   buckets      the buckets' shapes: latent [h, w, c], or pixel (H, W) for images
   load(index, epoch)   the example; any exception means a bad example (skipped and counted)
+
+`make_source` wraps a source in `DreamBoothSource` for data.repeats > 1 or data.class_source.
 """
 import logging
 import os
@@ -76,12 +78,12 @@ def image_example(data, size, captions, scores, *, key, tau, seed, epoch, index)
 
 
 class FolderSource:
-  """Images with caption sidecars straight from a folder (see `folder.py`); image headers are read
-  once up front for the bucket assignment."""
+  """Images with caption sidecars straight from a folder (see `folder.py`), or all with one `prompt`
+  (DreamBooth); image headers are read once up front for the bucket assignment."""
   kind = "images"
 
-  def __init__(self, path, *, table, seed, tau):
-    self.items, bad = folder_lib.scan(path)
+  def __init__(self, path, *, table, seed, tau, prompt=None):
+    self.items, bad = folder_lib.scan(path, prompt)
     self.table, self.seed, self.tau = table, seed, tau
     self.buckets = [(h, w) for _, h, w in table]
     ids = []
@@ -165,8 +167,83 @@ class TfdsImageSource:
     return f"TFDS example {index}"
 
 
+class DreamBoothSource:
+  """Instance examples `copies` times per epoch, plus prior-preservation class examples once each.
+
+  parts: [(source, indices, copies, is_class)], sources of one kind and one bucket list. Example ids
+  run part by part, copy by copy: copy k of the j-th of a part's n indices is id offset + k * n + j
+  (what `with_index` reports). The epoch plan over these ids is as deterministic and resumable as any;
+  copy k loads as in epoch `epoch * copies + k`, so copies draw their captions (of several) apart.
+
+  Prior preservation: diffusers' train_dreambooth_lora_sana.py stacks b instance rows on b class rows
+  (their shorter set cycled, so the two are 1:1) and minimises mean(instance losses) + prior_loss_weight
+  * mean(class losses). Here the M class rows share epochs and batches with the N * repeats instance rows
+  at random, and the loss is the mean over all rows: with M = N * repeats that is, in expectation,
+  diffusers' loss with prior_loss_weight 1 (up to its constant factor 2, which Adam-type updates
+  normalise away); in general the class term weighs M / (N * repeats) against the instance term.
+  """
+
+  def __init__(self, parts):
+    first = parts[0][0]
+    if any(p[0].kind != first.kind or p[0].buckets != first.buckets for p in parts):
+      raise SanaError("DreamBooth parts of different kinds or buckets")
+    self.kind, self.buckets, self.sources = first.kind, first.buckets, [p[0] for p in parts]
+    part, base, copy, copies, is_class = [], [], [], [], []
+    for i, (_, indices, n_copies, cls) in enumerate(parts):
+      indices = np.asarray(indices, np.int64)
+      part.append(np.full(len(indices) * n_copies, i, np.int8))
+      base.append(np.tile(indices, n_copies))
+      copy.append(np.repeat(np.arange(n_copies, dtype=np.int32), len(indices)))
+      copies.append(n_copies)
+      is_class.append(np.full(len(indices) * n_copies, bool(cls)))
+    self._part, self._base, self._copy = np.concatenate(part), np.concatenate(base), np.concatenate(copy)
+    self._copies = copies
+    self.class_mask = np.concatenate(is_class)  # precompute records which written examples are class images
+    self.bucket_ids = np.concatenate([p[0].bucket_ids[b] for p, b in zip(parts, base)]).astype(np.int32)
+    unique = list({id(s): s for s in self.sources}.values())
+    self.scan_skipped = sum(s.scan_skipped for s in unique)
+    self.skipped_examples = [k for s in unique for k in getattr(s, "skipped_examples", [])]
+
+  def __len__(self):
+    return len(self.bucket_ids)
+
+  def load(self, index, epoch):
+    p, k = self._part[index], int(self._copy[index])
+    return self.sources[p].load(int(self._base[index]), epoch * self._copies[p] + k)
+
+  def describe(self, index):
+    p = self._part[index]
+    return self.sources[p].describe(int(self._base[index])) + (" (class image)" if self.class_mask[index] else "")
+
+
+def dreambooth(instance, repeats=1, classes=None, class_indices=()):
+  """`instance` with its examples `repeats` times per epoch, plus the examples of `classes` (another
+  source) or `class_indices` (class examples of `instance` itself: precomputed records) once each; just
+  `instance` when neither changes anything."""
+  class_indices = np.asarray(class_indices, np.int64)
+  if classes is None and (repeats == 1 or len(class_indices) == len(instance)):
+    return instance
+  own = np.setdiff1d(np.arange(len(instance)), class_indices)
+  parts = [(instance, own, repeats, False)]
+  if len(class_indices):
+    parts.append((instance, class_indices, 1, True))
+  if classes is not None:
+    parts.append((classes, np.arange(len(classes)), 1, True))
+  return DreamBoothSource(parts)
+
+
+def _class_examples(path):
+  """The class images' record indices that precompute --class-images listed in the metadata."""
+  from sana_jax.data.records import read_metadata
+  meta = read_metadata(path) if os.path.isdir(path) else None
+  found = (meta or {}).get("class_examples", [])
+  if not (isinstance(found, list) and all(isinstance(i, int) and 0 <= i < meta["count"] for i in found)):
+    raise SanaError(f"{path}: metadata class_examples must list record indices below count")
+  return found
+
+
 def make_source(c, *, seed, split, table):
-  """The source named by config `c.source` (see `config.py`) for `split`.
+  """The source named by config `c.source` (see `config.py`) for `split`, DreamBooth settings applied.
 
   Splits: TFDS's own; array_record:DIR uses DIR/SPLIT when that holds a precompute output, else DIR
   (with a warning for a split other than train); synthetic data draws another split from another seed.
@@ -176,9 +253,9 @@ def make_source(c, *, seed, split, table):
   if kind == "synthetic":
     if split != "train":
       seed = hashing.hash64(seed, zlib.crc32(split.encode())) % 2**31
-    return SyntheticSource(c.synthetic_size, table=table, spatial_compression=c.spatial_compression,
-                           latent_channels=c.latent_channels, caption_length=c.caption_length,
-                           caption_channels=c.caption_channels, seed=seed)
+    return dreambooth(SyntheticSource(c.synthetic_size, table=table, spatial_compression=c.spatial_compression,
+                                      latent_channels=c.latent_channels, caption_length=c.caption_length,
+                                      caption_channels=c.caption_channels, seed=seed), c.repeats)
   if kind in ("array_record", "folder") and arg:
     path = os.path.expanduser(arg)
     if kind == "array_record" and os.path.exists(os.path.join(path, split, METADATA)):
@@ -186,10 +263,16 @@ def make_source(c, *, seed, split, table):
     elif split != "train":
       log.warning("%s has no %r split: reading the whole source for it", arg, split)
     if kind == "folder":
-      return FolderSource(path, table=table, seed=seed, tau=c.caption_tau)
-    return LatentRecordSource(path, seed=seed, tau=c.caption_tau, caption_length=c.caption_length,
-                              caption_channels=c.caption_channels, latent_channels=c.latent_channels)
+      instance = FolderSource(path, table=table, seed=seed, tau=c.caption_tau, prompt=c.instance_prompt)
+      classes = None if c.class_source is None else FolderSource(
+          os.path.expanduser(c.class_source[len("folder:"):]), table=table, seed=seed, tau=c.caption_tau,
+          prompt=c.class_prompt)
+      return dreambooth(instance, c.repeats, classes)
+    records = LatentRecordSource(path, seed=seed, tau=c.caption_tau, caption_length=c.caption_length,
+                                 caption_channels=c.caption_channels, latent_channels=c.latent_channels)
+    return dreambooth(records, c.repeats, class_indices=_class_examples(path) if c.repeats > 1 else ())
   if kind == "tfds" and arg:
-    return TfdsImageSource(arg, data_dir=c.data_dir, split=split, table=table, seed=seed, tau=c.caption_tau)
+    return dreambooth(TfdsImageSource(arg, data_dir=c.data_dir, split=split, table=table, seed=seed,
+                                      tau=c.caption_tau), c.repeats)
   raise SanaError(f"data source {c.source!r}; expected 'synthetic', 'array_record:DIR_OR_GLOB', 'tfds:NAME' "
                   "or 'folder:DIR'")
