@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sana_jax import aspect_ratio, parallel, registry
-from sana_jax.convert import pipelines
+from sana_jax import aspect_ratio, lora, parallel, registry
+from sana_jax.convert import diffusers_lora, pipelines
 from sana_jax.errors import SanaError, short
 from sana_jax.sampling import SAMPLERS, denoise
 from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION, PromptEncoder
@@ -72,6 +72,8 @@ class BasePipeline:
       self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self._dit_state = jax.device_put(self._dit_state, self._replicated)
     self._decode, self._encode = vae._pure("decode"), vae._pure("encode")
+    self._adapters, self._adapter_weights, self._lora_enabled = {}, {}, True
+    self._fused, self._unfused_state = (), None
 
   # ---- loading and saving ----------------------------------------------------------------------
 
@@ -117,6 +119,100 @@ class BasePipeline:
     """Swaps in new DiT weights of the same architecture (training's periodic samples)."""
     state = jax.device_put(state, self._replicated) if self.mesh is not None else state
     self._dit_state = state
+
+  # ---- LoRA, under diffusers' names ---------------------------------------------------------------
+
+  def load_lora_weights(self, pretrained_model_name_or_path, adapter_name=None, *, weight_name=None):
+    """Loads a diffusers / peft LoRA file of the transformer (a directory holding
+    pytorch_lora_weights.safetensors, or a .safetensors path) as adapter `adapter_name` (default
+    "default_<n>"); as in diffusers, it becomes the one active adapter, at weight 1.0."""
+    name = f"default_{len(self._adapters)}" if adapter_name is None else adapter_name
+    if not isinstance(name, str) or not name:
+      raise SanaError(f"adapter_name {short(name)}: expected a non-empty string")
+    if name in self._adapters:
+      raise SanaError(f"adapter name {name!r} is already in use; pick another or delete_adapters({name!r}) first")
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _flat(self._dit_state).items()}
+    adapter = diffusers_lora.read(pretrained_model_name_or_path, self.transformer.config, shapes,
+                                  weight_name=weight_name)
+    adapter = jax.tree.map(jnp.asarray, adapter)
+    self._adapters[name] = adapter if self.mesh is None else jax.device_put(adapter, self._replicated)
+    self._adapter_weights = {name: 1.0}
+
+  def set_adapters(self, adapter_names, adapter_weights=None):
+    """The adapters to apply and their weights (a number for all, or one per name; default 1.0).
+    Changing weights does not recompile: they enter the jitted sampler as arrays."""
+    names = self._adapter_names(adapter_names)
+    if self._fused:
+      raise SanaError("LoRA is fused into the weights; unfuse_lora() before set_adapters")
+    weights = [1.0] * len(names) if adapter_weights is None else adapter_weights
+    weights = [weights] * len(names) if _is_number(weights) else list(weights) if isinstance(weights, (list, tuple)) \
+        else None
+    if weights is None or len(weights) != len(names) or not all(_is_number(w) and math.isfinite(w) for w in weights):
+      raise SanaError(f"adapter_weights {short(adapter_weights)}: expected a finite number or one per adapter "
+                      f"({len(names)})")
+    self._adapter_weights = {n: float(w) for n, w in zip(names, weights)}
+
+  def get_active_adapters(self):
+    return list(self._adapter_weights) if self._lora_enabled else []
+
+  def get_list_adapters(self):
+    return {"transformer": list(self._adapters)}
+
+  def delete_adapters(self, adapter_names):
+    names = self._adapter_names(adapter_names)
+    if set(names) & set(self._fused):
+      raise SanaError(f"adapter(s) {sorted(set(names) & set(self._fused))} are fused; unfuse_lora() first")
+    for name in names:
+      del self._adapters[name]
+      self._adapter_weights.pop(name, None)
+
+  def disable_lora(self):
+    self._lora_enabled = False
+
+  def enable_lora(self):
+    self._lora_enabled = True
+
+  def fuse_lora(self, lora_scale=1.0, adapter_names=None, safe_fusing=False):
+    """Adds the active adapters (or `adapter_names`), times their weights and `lora_scale`, into the
+    DiT's weights; unfuse_lora() restores the weights as they were, bit for bit."""
+    if self._fused:
+      raise SanaError("LoRA is already fused; unfuse_lora() first")
+    if not _is_number(lora_scale) or not math.isfinite(lora_scale):
+      raise SanaError(f"lora_scale {short(lora_scale)}: expected a finite number")
+    names = self.get_active_adapters() if adapter_names is None else self._adapter_names(adapter_names)
+    weighted = [(self._adapters[n], jnp.float32(self._adapter_weights.get(n, 1.0) * lora_scale)) for n in names]
+    fused = nnx.state(nnx.merge(self._dit_graph, jax.jit(lora.apply)(self._dit_state, weighted)))
+    if safe_fusing and not all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(fused)):
+      raise SanaError("fusing the LoRA gives NaN or infinite weights; the weights are left unfused")
+    self._unfused_state, self._dit_state, self._fused = self._dit_state, fused, tuple(names)
+
+  def unfuse_lora(self):
+    if self._fused:
+      self._dit_state, self._unfused_state, self._fused = self._unfused_state, None, ()
+
+  def unload_lora_weights(self):
+    """Forgets every adapter. Fused weights stay (fuse_lora then unload_lora_weights keeps a LoRA
+    baked in, as in diffusers)."""
+    self._adapters, self._adapter_weights, self._fused, self._unfused_state = {}, {}, (), None
+
+  def _adapter_names(self, adapter_names):
+    names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+      raise SanaError(f"adapter names {short(adapter_names)}: expected a name or a list of names")
+    unknown = [n for n in names if n not in self._adapters]
+    if unknown:
+      raise SanaError(f"no adapter named {short(unknown[0])}; loaded: {sorted(self._adapters)}")
+    return list(names)
+
+  def _dit_inputs(self):
+    """The jitted samplers' DiT argument: (state, ((adapter, weight array), ...)) for the active,
+    unfused adapters."""
+    active = [n for n in self.get_active_adapters() if n not in self._fused]
+    return self._dit_state, tuple((self._adapters[n], jnp.float32(self._adapter_weights[n])) for n in active)
+
+  def _dit_model(self, inputs):
+    state, weighted = inputs
+    return nnx.merge(self._dit_graph, lora.apply(state, weighted))
 
   # ---- prompts ---------------------------------------------------------------------------------
 
@@ -266,11 +362,11 @@ class SanaPipeline(BasePipeline):
     self._generate = jax.jit(self._generate_impl,
                              static_argnames=("sampler", "steps", "start", "cfg", "pag", "pag_layers"))
 
-  def _generate_impl(self, state, latents, embeds, mask, neg_embeds, neg_mask, guidance, pag_scale=0.0,
+  def _generate_impl(self, dit, latents, embeds, mask, neg_embeds, neg_mask, guidance, pag_scale=0.0,
                      pag_layers=(), *, sampler, steps, start, cfg, pag=False):
     schedule, step = SAMPLERS[sampler]
     sigmas, timesteps = (jnp.asarray(a) for a in schedule(steps, self.flow_shift))
-    model = nnx.merge(self._dit_graph, state)
+    model = self._dit_model(dit)
     # one model call on [negative; positive; positive (perturbed)], the batch order diffusers uses
     parts = ([neg_embeds] if cfg else []) + [embeds] + ([embeds] if pag else [])
     masks = ([neg_mask] if cfg else []) + [mask] + ([mask] if pag else [])
@@ -331,7 +427,7 @@ class SanaPipeline(BasePipeline):
       start = flow_start(sigmas, strength)
       if start > 0:  # at the first step, the noise alone (text-to-image)
         x = (1 - sigmas[start]) * self._image_latents(pixels) + sigmas[start] * x
-    run = lambda *a: self._generate(self._dit_state, *a, jnp.float32(guidance_scale), jnp.float32(pag_scale), layers,
+    run = lambda *a: self._generate(self._dit_inputs(), *a, jnp.float32(guidance_scale), jnp.float32(pag_scale), layers,
                                     sampler=sampler, steps=num_inference_steps, start=start, cfg=cfg, pag=pag)
     x = self._on_devices(run, x, embeds, mask, neg, neg_mask)
     return self._output(x, asked, output_type, return_dict)
@@ -415,6 +511,11 @@ MAX_SIZE = 16384           # pixels per side (the released models' largest bins 
 MAX_STEPS = 1000           # the models' training timesteps
 MAX_IMAGES_PER_PROMPT = 1024
 OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+def _flat(state):
+  from flax import traverse_util
+  return traverse_util.flatten_dict(nnx.to_pure_dict(state))
 
 
 def _is_number(value):

@@ -8,7 +8,6 @@ pass per step with the guidance scale as an embedding (no CFG batch), all steps 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sana_jax.errors import SanaError
 from sana_jax.pipeline import PIPELINES_OWN, BasePipeline, check_generation, check_strength, prng_key
@@ -36,8 +35,8 @@ class SanaSprintPipeline(BasePipeline):
     return super().encode_prompt(prompt, False, "", num_images_per_prompt, prompt_embeds, None, prompt_attention_mask,
                                  None, clean_caption, max_sequence_length, complex_human_instruction)[:2]
 
-  def _generate_impl(self, state, latents, embeds, mask, step_noise, angles, guidance, *, start):
-    model = nnx.merge(self._dit_graph, state)
+  def _generate_impl(self, dit, latents, embeds, mask, step_noise, angles, guidance, *, start):
+    model = self._dit_model(dit)
     text = model.encode_text(embeds, mask)  # once per generation
     # diffusers' Sprint pipeline gives the model t in [0, 1] as it is; our model multiplies by
     # config.timestep_scale itself (what SanaPipeline does, for the Sprint teacher), so undo it here
@@ -85,7 +84,7 @@ class SanaSprintPipeline(BasePipeline):
       start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
       x0 = self._image_latents(self._image_pixels(image, noise.shape[0], size)) * self.sigma_data
       x = np.cos(angles[start]) * x0 + np.sin(angles[start]) * noise * self.sigma_data
-    run = lambda x, e, m, n: self._generate(self._dit_state, x, e, m, n, jnp.asarray(angles),
+    run = lambda x, e, m, n: self._generate(self._dit_inputs(), x, e, m, n, jnp.asarray(angles),
                                             jnp.float32(guidance_scale), start=start)
     x = self._on_devices(run, x, embeds, mask, jnp.moveaxis(step_noise, 1, 0))  # batch first, to split it
     return self._output(x, asked, output_type, return_dict)

@@ -46,6 +46,13 @@ TABLE = [
     (r"proj_out\.weight", "proj_out.kernel", LINEAR),
     (r"proj_out\.bias", "proj_out.bias", IDENTITY),
 ]
+# LoRA: how a kernel's two factors map, per the kernel's transform. lora_A is shaped like a weight with
+# r outputs (down, [din, r], takes the input side of the transform) and lora_B like a 1x1 weight with
+# r inputs (up, [r, *dout], takes the output side): kernel + down @ up is the kernel of W + B @ A.
+LORA_FACTORS = {  # kernel transform -> (lora_A's, lora_B's)
+    LINEAR: (LINEAR, LINEAR), CONV1X1: (CONV1X1, CONV1X1), GLU_EXPAND: (CONV1X1, GLU_EXPAND),
+    ADALN_KERNEL: (LINEAR, ADALN_KERNEL), PATCH_CONV: (PATCH_CONV, CONV1X1),
+}
 CLASS_NAME = "SanaTransformer2DModel"
 OURS_ONLY = ("linear_attention_eps", "remat", "scan_unroll")  # runtime options, not in diffusers' config
 
@@ -65,14 +72,18 @@ def load(path, *, dtype, param_dtype, attention_impl="xla", mesh=None, rules=Non
   return loading.load_weights(path, build, TABLE, num_layers=cfg.num_layers, mesh=mesh, rules=rules)
 
 
+def export_plan(cfg, state):
+  """invert.plan's entries for a flat state {path: array or shape struct} of a model with config cfg."""
+  # diffusers nests the timestep embedder under `emb.` (AdaLayerNormSingle) unless a guidance
+  # embedding is present (SanaCombinedTimestepGuidanceEmbeddings)
+  return invert.plan(state, TABLE, optional={r"emb\.": not cfg.guidance_embeds}, source="transformer")
+
+
 def component(model):
   """The export plan: diffusers' names for every weight, and its config.json."""
   cfg = model.config
-  # diffusers nests the timestep embedder under `emb.` (AdaLayerNormSingle) unless a guidance
-  # embedding is present (SanaCombinedTimestepGuidanceEmbeddings)
-  optional = {r"emb\.": not cfg.guidance_embeds}
   state = invert.flat_state(model)
-  entries = invert.plan(state, TABLE, optional=optional, source="transformer")
+  entries = export_plan(cfg, state)
   invert.check_names(entries, TABLE, "transformer")
   config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in OURS_ONLY}
   return invert.Component({**config, "dropout": 0.0}, cfg, entries, state, "diffusion_pytorch_model", "diffusers",
