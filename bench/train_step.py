@@ -92,7 +92,7 @@ def main():
       mask=np.ones((n, d.caption_length), np.int32)))
   null = (np.zeros((d.caption_length, d.caption_channels), np.float32), np.ones(d.caption_length, np.int32))
   holder = {"state": trainer.init()}
-  macs = count_macs(trainer._step, jax.eval_shape(trainer._init), batch, null)
+  macs = count_macs(trainer._step, jax.eval_shape(trainer._init), batch, null, None)
 
   def ours():
     holder["state"], holder["metrics"] = trainer.step(holder["state"], batch, null)

@@ -66,6 +66,8 @@ def check(config, workdir):
     F.real()(s.get("guidance_scale"), "config.sample.guidance_scale")
     F.sequence(F.text(), min_len=1)(tuple(s.get("prompts") or ()), "config.sample.prompts")
 
+  _check_lora(config)
+
   # the checks above import nothing heavy; these two need jax
   from sana_jax.training import optimizers
   try:
@@ -75,6 +77,26 @@ def check(config, workdir):
   F.choice(*dtypes.DTYPES)(config.get("dtype"), "config.dtype")
 
   files.output_directory(workdir, "workdir")
+
+
+def _check_lora(config):
+  lora = config.get("lora")
+  if lora is None:
+    return
+  known = {"rank", "alpha", "targets", "dropout"}
+  unknown = sorted(set(lora) - known)
+  if unknown:
+    raise SanaError(f"config.lora: unknown key(s) {unknown}; known: {sorted(known)}")
+  if not F.integer(0, 4096)(lora.get("rank", 0), "config.lora.rank"):
+    return
+  if lora.get("alpha") is not None:
+    F.real(above=0, hi=1e6)(lora["alpha"], "config.lora.alpha")
+  F.sequence(F.text(), min_len=1)(tuple(lora.get("targets") or ()), "config.lora.targets")
+  if F.real(0, 1)(lora.get("dropout", 0.0), "config.lora.dropout"):
+    raise SanaError("config.lora.dropout > 0 is not supported: the adapter is added to the weights inside the step, "
+                    "where dropout on a layer's input cannot act on the adapter alone; use 0.0")
+  if not config.get("init_from"):
+    raise SanaError("config.lora needs config.init_from: the diffusers transformer directory whose weights it adapts")
 
 
 def _get(config, dotted, default):

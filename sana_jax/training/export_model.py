@@ -1,7 +1,9 @@
 """A run's weights as a diffusers `SanaTransformer2DModel` directory (the EMA weights when the run kept
-them), for SanaPipeline / diffusers or for fine-tuning with `init_from`.
+them), for SanaPipeline / diffusers or for fine-tuning with `init_from`; a LoRA run's adapter as
+diffusers' LoRA file with --lora (else its adapter fused into the init_from weights).
 
   python -m sana_jax.training.export_model --workdir DIR --out DIR/transformer [--no-ema] [--dtype bfloat16]
+  python -m sana_jax.training.export_model --workdir DIR --out DIR/lora --lora   # pytorch_lora_weights.safetensors
 
 Without --step, the newest checkpoint that restores is exported (a damaged one is skipped with a
 warning, and left where it is: export never changes the run's directory). --out appears whole or not
@@ -26,8 +28,31 @@ def load_run_config(workdir):
 
 def export_transformer(workdir, out, *, ema=True, dtype="float32", step=None):
   """Writes the checkpoint of `step` (the newest that restores) to `out`; returns the step written."""
-  import jax
   from flax import nnx
+  trainer, step, params = _restore(workdir, ema, step)
+  if trainer.lora is not None:
+    from sana_jax.training.loop import load_init_params
+    trainer.set_frozen(load_init_params(trainer.config, trainer))
+  nnx.merge(trainer.graphdef, trainer.model_params(params)).save_pretrained(out, dtype=dtype)
+  return step
+
+
+def export_lora(workdir, out, *, ema=True, dtype="float32", step=None):
+  """Writes a LoRA run's adapter as `out`/pytorch_lora_weights.safetensors (diffusers' keys and peft
+  config), which diffusers' SanaPipeline.load_lora_weights(out) and ours load; returns the step."""
+  import jax
+
+  from sana_jax import dtypes
+  trainer, step, params = _restore(workdir, ema, step)
+  if trainer.lora is None:
+    raise SanaError(f"{workdir}: not a LoRA run (config.lora.rank is 0); export it without --lora")
+  trainer.lora.save(out, jax.device_get(params), dtype=dtypes.resolve(dtype))
+  return step
+
+
+def _restore(workdir, ema, step):
+  """(trainer on one device, step, the params to export) of the run's checkpoint `step` or newest."""
+  import jax
 
   from sana_jax import parallel
   from sana_jax.training.checkpoint import Checkpointer
@@ -47,9 +72,7 @@ def export_transformer(workdir, out, *, ema=True, dtype="float32", step=None):
       state, _ = ckpt.restore(trainer.abstract_state(), step)
   finally:
     ckpt.close()
-  params = state.ema if ema and state.ema is not None else state.params
-  nnx.merge(trainer.graphdef, params).save_pretrained(out, dtype=dtype)
-  return step
+  return trainer, step, state.ema if ema and state.ema is not None else state.params
 
 
 @errors.cli_main
@@ -60,10 +83,12 @@ def main(argv=None):
   p.add_argument("--no-ema", action="store_true", help="the raw weights even when the run kept an EMA")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   p.add_argument("--step", type=int, default=None)
+  p.add_argument("--lora", action="store_true", help="a LoRA run's adapter as diffusers' LoRA file")
   args = p.parse_args(argv)
   if os.path.lexists(args.out) and not os.path.isdir(args.out):
     raise SanaError(f"--out {args.out} exists and is not a directory")
-  step = export_transformer(args.workdir, args.out, ema=not args.no_ema, dtype=args.dtype, step=args.step)
+  export = export_lora if args.lora else export_transformer
+  step = export(args.workdir, args.out, ema=not args.no_ema, dtype=args.dtype, step=args.step)
   print(f"wrote step {step} to {args.out}")
   return 0
 

@@ -39,6 +39,8 @@ def train(config, workdir):
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.get("async_checkpoints", True))
   log = stop = None
   try:
+    if trainer.lora is not None:  # the frozen base: from init_from on every start, resumed or not
+      trainer.set_frozen(load_init_params(config, trainer))
     restored = ckpt.restore_latest(trainer.abstract_state())
     if restored is not None:
       start, state, data_state = restored
@@ -47,7 +49,7 @@ def train(config, workdir):
       if ckpt.damaged_steps:
         warn(f"no checkpoint in {ckpt.directory} restores; starting the run afresh")
       start = 0
-      init_from = config.get("init_from")
+      init_from = config.get("init_from") and trainer.lora is None
       state = trainer.state_from_params(load_init_params(config, trainer)) if init_from else trainer.init()
     if jax.process_index() == 0:
       files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
@@ -98,7 +100,7 @@ def load_init_params(config, trainer):
   from sana_jax.models.dit import SanaTransformer
   model = SanaTransformer.from_pretrained(config.init_from, dtype=np.float32, mesh=trainer.mesh, rules=trainer.rules)
   params = nnx.to_pure_dict(nnx.state(model))
-  want = jax.tree.map(lambda a: a.shape, trainer.abstract_params)
+  want = jax.tree.map(lambda a: a.shape, trainer.base_abstract)
   got = jax.tree.map(lambda a: a.shape, params)
   if want != got:
     raise SanaError(f"init_from={config.init_from}: its transformer does not match config.model "
@@ -142,7 +144,7 @@ class SampleWriter:
 
   def __call__(self, state, step):
     from jax.experimental import multihost_utils
-    params = state.ema if state.ema is not None else state.params
+    params = self.trainer.model_params(state.ema if state.ema is not None else state.params)
     params = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else params
     if jax.process_index() != 0:
       return

@@ -16,7 +16,7 @@ from flax import nnx
 
 from sana_jax import dtypes, parallel
 from sana_jax.models.dit import SanaTransformer, SanaTransformerConfig
-from sana_jax.training import objective, optimizers
+from sana_jax.training import adapters, objective, optimizers
 
 
 @flax.struct.dataclass
@@ -30,7 +30,11 @@ class TrainState:
 
 
 class Trainer:
-  """Builds the model graph, optimizer and shardings once; `init`, `step` and `eval_loss` are jitted."""
+  """Builds the model graph, optimizer and shardings once; `init`, `step` and `eval_loss` are jitted.
+
+  LoRA runs (`config.lora.rank` > 0, see adapters.py): the params it trains are the LoRA factors; the
+  base weights (`set_frozen`, from init_from) are a separate, undonated input of every step.
+  """
 
   def __init__(self, config, mesh, rules=None):
     self.config, self.mesh, self.rules = config, mesh, rules
@@ -40,16 +44,40 @@ class Trainer:
                                    param_dtype=jnp.float32, attention_impl=config.get("attention_impl", "xla"))
     self._make_model = make
     self.graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    self.param_shardings = nnx.to_pure_dict(parallel.state_shardings(abstract, mesh, rules))
-    self.abstract_params = nnx.to_pure_dict(abstract)
+    self.base_shardings = nnx.to_pure_dict(parallel.state_shardings(abstract, mesh, rules))
+    self.base_abstract = nnx.to_pure_dict(abstract)
+    self.lora = self.frozen = None
+    if adapters.enabled(config):
+      self.lora = adapters.LoraPlan(config.lora, self.model_cfg, self.base_abstract, self.base_shardings)
+      self.param_shardings = self.lora.shardings
+      self.abstract_params = jax.eval_shape(self.lora.init, jax.random.key(0))
+    else:
+      self.param_shardings, self.abstract_params = self.base_shardings, self.base_abstract
+    frozen_shardings = self.base_shardings if self.lora else None
     self.tx, self.schedule = optimizers.build_optimizer(config.optim, global_batch=config.batch_size,
                                                         total_steps=config.total_steps)
     self.state_shardings = self._state_shardings()
     self.batch_shardings = {k: parallel.batch_sharding(mesh, nd) for k, nd in (("latents", 4), ("y", 3), ("mask", 2))}
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-    self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_shardings, None),
-                        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
-    self.eval_loss = jax.jit(self._eval_loss)
+    self._jit_step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_shardings, None,
+                                                       frozen_shardings),
+                             out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    self._jit_eval_loss = jax.jit(self._eval_loss)
+    self._jit_merged = jax.jit(self.lora.merged) if self.lora else None
+
+  def step(self, state, batch, null_text):
+    return self._jit_step(state, batch, null_text, self.frozen)
+
+  def eval_loss(self, params, batch, sigma):
+    return self._jit_eval_loss(params, batch, sigma, self.frozen)
+
+  def set_frozen(self, base_params):
+    """The base weights a LoRA run adapts (float32, sharded like the model)."""
+    self.frozen = jax.device_put(base_params, self.base_shardings)
+
+  def model_params(self, params):
+    """The weights the model computes with: params themselves, or for LoRA the base with them added."""
+    return params if self.lora is None else self._jit_merged(self.frozen, params)
 
   # ---- state --------------------------------------------------------------------------------------
 
@@ -59,6 +87,8 @@ class Trainer:
     return TrainState(step=zero, params=params, opt_state=self.tx.init(params), ema=ema, nonfinite=zero, skipped=zero)
 
   def _init(self):
+    if self.lora is not None:
+      return self._new_state(self.lora.init(jax.random.key(self.config.seed)))
     params = nnx.to_pure_dict(nnx.state(self._make_model()))
     return self._new_state(params)
 
@@ -99,8 +129,8 @@ class Trainer:
 
   # ---- steps --------------------------------------------------------------------------------------
 
-  def _predict(self, params, x_t, timesteps, y, mask):
-    model = nnx.merge(self.graphdef, params)
+  def _predict(self, params, frozen, x_t, timesteps, y, mask):
+    model = nnx.merge(self.graphdef, params if self.lora is None else self.lora.merged(frozen, params))
     with parallel.use_mesh(self.mesh, self.rules):
       return model(x_t, timesteps, y, mask)
 
@@ -117,30 +147,30 @@ class Trainer:
     return dict(x0=x0, noise=jax.random.normal(k_noise, x0.shape, jnp.float32), sigma=sigma, timesteps=timesteps,
                 y=y, mask=mask)
 
-  def _loss(self, params, rows):
-    predict = lambda x, t: self._predict(params, x, t, rows["y"], rows["mask"])
+  def _loss(self, params, rows, frozen):
+    predict = lambda x, t: self._predict(params, frozen, x, t, rows["y"], rows["mask"])
     return objective.flow_loss(predict, rows["x0"], rows["noise"], rows["sigma"], rows["timesteps"])
 
-  def _grads(self, params, rows):
+  def _grads(self, params, rows, frozen):
     """Mean loss and gradients over `grad_accum` microbatches (scanned: one microbatch's activations
     live at a time). Microbatches take strided rows so each device keeps its own rows."""
     accum = self.config.get("grad_accum", 1)
     grad_fn = jax.value_and_grad(self._loss)
     if accum == 1:
-      return grad_fn(params, rows)
+      return grad_fn(params, rows, frozen)
     micro = jax.tree.map(lambda a: jnp.swapaxes(a.reshape(a.shape[0] // accum, accum, *a.shape[1:]), 0, 1), rows)
 
     def body(carry, mb):
-      loss, grads = grad_fn(params, mb)
+      loss, grads = grad_fn(params, mb, frozen)
       return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
     return loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
-  def _step(self, state, batch, null_text):
+  def _step(self, state, batch, null_text, frozen):
     rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
-    loss, grads = self._grads(state.params, self._prepare(batch, null_text, rng))
+    loss, grads = self._grads(state.params, self._prepare(batch, null_text, rng), frozen)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(jnp.add, state.params, updates)
@@ -156,12 +186,12 @@ class Trainer:
     metrics = dict(loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step), finite=finite)
     return new_state, metrics
 
-  def _eval_loss(self, params, batch, sigma):
+  def _eval_loss(self, params, batch, sigma, frozen):
     """Loss at one fixed sigma with fixed noise: comparable across steps and runs."""
     x0 = batch["latents"].astype(jnp.float32)
     sig = jnp.full((x0.shape[0],), sigma, jnp.float32)
     noise = jax.random.normal(jax.random.key(self.config.seed + 1), x0.shape, jnp.float32)
-    predict = lambda x, t: self._predict(params, x, t, batch["y"], batch["mask"])
+    predict = lambda x, t: self._predict(params, frozen, x, t, batch["y"], batch["mask"])
     return objective.flow_loss(predict, x0, noise, sig, sig * objective.NUM_TRAIN_TIMESTEPS)
 
   def put_batch(self, local_batch):
