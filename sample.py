@@ -9,13 +9,16 @@ SanaPAGPipeline, SanaSprintPipeline or SanaSprintImg2ImgPipeline directory works
 the model's (2 for Sana-Sprint, else 20). Without --cfg, the model's own guidance scale (model_index.json
 "sana_jax"; 3.0 for the demo model), else 4.5; for Sana-Sprint it is the embedded guidance.
 --image starts from that image (scaled to cover the output size and centre-cropped); --strength in
-(0, 1] is how much noise replaces it (default 0.6).
+(0, 1] is how much noise replaces it (default 0.6). --lora PATH[:SCALE] (repeatable) applies a diffusers /
+peft LoRA file of the transformer (a directory with pytorch_lora_weights.safetensors, or the file) at
+SCALE (default 1.0).
 
-Writes OUTPUT_DIR/NNNN.png in prompt order, each with its prompt, seed, steps, cfg and model in the PNG's
-text metadata. Images already in OUTPUT_DIR are kept: numbering continues after the highest NNNN.png
-there, unless --overwrite starts again at 0000.png. Each PNG appears whole or not at all, also when the
-run is interrupted. Bad input ends with a one-line error and exit status 2.
+Writes OUTPUT_DIR/NNNN.png in prompt order, each with its prompt, seed, steps, cfg, model (and LoRAs with
+their scales) in the PNG's text metadata. Images already in OUTPUT_DIR are kept: numbering continues after
+the highest NNNN.png there, unless --overwrite starts again at 0000.png. Each PNG appears whole or not at
+all, also when the run is interrupted. Bad input ends with a one-line error and exit status 2.
 """
+import json
 import math
 import os
 import re
@@ -50,6 +53,8 @@ def parse_args(argv):
                  "model's own, else 4.5)")
   p.add_argument("--image", help="image-to-image: start from this image file")
   p.add_argument("--strength", type=float, default=None, help="image-to-image noise strength in (0, 1] (default 0.6)")
+  p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                 help="a LoRA file or directory, at SCALE (default 1.0); repeatable")
   p.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (0 = off)")
   p.add_argument("--pag-layers", default="0", help="comma-separated block indices for PAG (default: 0)")
   p.add_argument("--sampler", default=None, help="flow_dpm | flow_euler (default: the model's scheduler)")
@@ -133,6 +138,25 @@ def check_settings(args, configs, n_images):
                       f"try {max(factor, value // factor * factor)} or {max(1, value // factor + 1) * factor}")
 
 
+def parse_loras(specs):
+  """[(path, scale)] from --lora PATH[:SCALE] values; each file's header is validated here, before any
+  model loads (its tensors are checked against the model when it is applied)."""
+  from sana_jax.convert import diffusers_lora, safetensors_io
+  out = []
+  for spec in specs:
+    path, _, tail = spec.rpartition(":")
+    try:
+      scale = float(tail) if path else 1.0
+    except ValueError:
+      path, scale = spec, 1.0  # a colon inside the path
+    path = path or spec
+    if not math.isfinite(scale):
+      raise SanaError(f"--lora {spec[:80]!r}: the scale must be a finite number")
+    safetensors_io.read_header(diffusers_lora.resolve_file(path))
+    out.append((path, scale))
+  return out
+
+
 def first_index(output_dir, overwrite):
   """Where numbering starts: after the highest NNNN.png already in the directory, or 0 with --overwrite."""
   if overwrite:
@@ -172,6 +196,7 @@ def main(argv=None):
   model_dir = pipelines.resolve_model(args.model)
   check_settings(args, pipelines.check(model_dir), len(prompts) * args.num_images_per_prompt)
   jobs = [(p, i) for p in prompts for i in range(args.num_images_per_prompt)]
+  loras = parse_loras(args.lora)
   files.output_directory(args.output_dir, "--output-dir", create=False)
   init_image = None
   if args.image:
@@ -188,6 +213,10 @@ def main(argv=None):
   enable_compilation_cache()
   pipe = load_pipeline(model_dir, dtype=args.dtype, sampler=args.sampler)
   sprint = isinstance(pipe, SanaSprintPipeline)
+  for i, (path, _) in enumerate(loras):
+    pipe.load_lora_weights(path, adapter_name=f"lora{i}")
+  if loras:
+    pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale in loras])
   files.output_directory(args.output_dir, "--output-dir")
   index = first_index(args.output_dir, args.overwrite)
   cfg = pipe.guidance_scale if args.cfg is None else args.cfg
@@ -221,6 +250,8 @@ def main(argv=None):
         meta["pag"] = args.pag
       if init_image is not None:
         meta.update(image=args.image, strength=args.strength)
+      if loras:
+        meta["lora"] = json.dumps([{"path": path, "scale": scale} for path, scale in loras])
       save_png(image, os.path.join(args.output_dir, f"{index:04d}.png"), meta)
       index, written = index + 1, written + 1
   rate = later_images / later if later else len(jobs[:args.batch_size]) / first_call

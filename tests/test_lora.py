@@ -166,3 +166,33 @@ def test_bad_adapter_calls_are_one_line_errors(pipelines, loras):  # noqa: F811
   ours.fuse_lora()
   with pytest.raises(SanaError, match="unfuse_lora"):
     ours.set_adapters("a", 0.5)
+
+
+@pytest.mark.slow
+def test_cli_applies_loras_and_records_them(pipelines, loras, tmp_path):  # noqa: F811
+  import json
+
+  from PIL import Image
+  from test_pipeline import run_cli
+
+  from sana_jax.pipeline import prng_key
+  _, _, root = pipelines
+  out = tmp_path / "out"
+  r = run_cli("a red fox", "--model", root, "--height", 32, "--width", 64, "--steps", 3, "--dtype", "float32",
+              "--output-dir", out, "--lora", loras["style"], "--lora", f"{loras['detail']}:-0.5", cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  image = Image.open(out / "0000.png")
+  assert json.loads(image.text["lora"]) == [{"path": loras["style"], "scale": 1.0},
+                                             {"path": loras["detail"], "scale": -0.5}]
+  ours = sana_jax.SanaPipeline.from_pretrained(root)
+  ours.load_lora_weights(loras["style"], adapter_name="a")
+  ours.load_lora_weights(loras["detail"], adapter_name="b")
+  ours.set_adapters(["a", "b"], [1.0, -0.5])
+  latents = jax.random.normal(prng_key(0), (1, 8, 16, 8))
+  expected = ours("a red fox", height=32, width=64, num_inference_steps=3, latents=latents, output_type="np").images
+  assert np.abs(np.asarray(image, np.float32) / 255 - expected[0]).max() <= 1.5 / 255
+  for args, match in (([str(tmp_path / "none")], "no such file"), ([f"{loras['style']}:nan"], "finite"),
+                      ([str(out / "0000.png")], "safetensors")):
+    r = run_cli("a red fox", "--model", root, "--output-dir", tmp_path / "bad", "--lora", *args, cwd=tmp_path)
+    assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "bad").exists()
