@@ -138,25 +138,6 @@ def check_settings(args, configs, n_images):
                       f"try {max(factor, value // factor * factor)} or {max(1, value // factor + 1) * factor}")
 
 
-def parse_loras(specs):
-  """[(path, scale)] from --lora PATH[:SCALE] values; each file's header is validated here, before any
-  model loads (its tensors are checked against the model when it is applied)."""
-  from sana_jax.convert import diffusers_lora, safetensors_io
-  out = []
-  for spec in specs:
-    path, _, tail = spec.rpartition(":")
-    try:
-      scale = float(tail) if path else 1.0
-    except ValueError:
-      path, scale = spec, 1.0  # a colon inside the path
-    path = path or spec
-    if not math.isfinite(scale):
-      raise SanaError(f"--lora {spec[:80]!r}: the scale must be a finite number")
-    safetensors_io.read_header(diffusers_lora.resolve_file(path))
-    out.append((path, scale))
-  return out
-
-
 def first_index(output_dir, overwrite):
   """Where numbering starts: after the highest NNNN.png already in the directory, or 0 with --overwrite."""
   if overwrite:
@@ -196,7 +177,8 @@ def main(argv=None):
   model_dir = pipelines.resolve_model(args.model)
   check_settings(args, pipelines.check(model_dir), len(prompts) * args.num_images_per_prompt)
   jobs = [(p, i) for p in prompts for i in range(args.num_images_per_prompt)]
-  loras = parse_loras(args.lora)
+  from sana_jax.convert.diffusers_lora import parse_specs
+  loras = parse_specs(args.lora)
   files.output_directory(args.output_dir, "--output-dir", create=False)
   init_image = None
   if args.image:

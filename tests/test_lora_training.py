@@ -52,6 +52,7 @@ def test_lora_run_trains_only_the_factors_resumes_exactly_and_exports_for_diffus
 
   out = tmp_path / "lora"
   assert export_lora(str(tmp_path / "straight"), str(out)) == 4
+  assert (out / "pytorch_lora_weights.safetensors").stat().st_mode & 0o777 == 0o644  # readable as other outputs
   ours = sana_jax.SanaPipeline.from_pretrained(root)
   ours.load_lora_weights(str(out))
   theirs = diffusers.SanaPipeline.from_pretrained(root)

@@ -68,6 +68,24 @@ def resolve_file(path, weight_name=None):
   return path
 
 
+def parse_specs(specs, flag="--lora"):
+  """[(path, scale)] from command-line PATH[:SCALE] values (scale 1.0 when absent); each file's header
+  is validated here, before any model loads (its tensors are checked against the model on loading)."""
+  out = []
+  for spec in specs:
+    path, _, tail = spec.rpartition(":")
+    try:
+      scale = float(tail) if path else 1.0
+    except ValueError:
+      path, scale = spec, 1.0  # a colon inside the path
+    path = path or spec
+    if not math.isfinite(scale):
+      raise SanaError(f"{flag} {short(spec, 80)}: the scale must be a finite number")
+    safetensors_io.read_header(resolve_file(path))
+    out.append((path, scale))
+  return out
+
+
 def read(path, cfg, shapes, *, weight_name=None, num_layers=None):
   """The adapter {params path: LoraFactors (numpy float32)} in a diffusers / peft LoRA file."""
   path = resolve_file(path, weight_name)
@@ -243,7 +261,7 @@ def state_dict(adapter, cfg, shapes, *, dtype=np.float32):
 def save(directory, adapter, cfg, shapes, *, dtype=np.float32):
   """DIR/pytorch_lora_weights.safetensors with diffusers' keys and the peft config in the header
   (what diffusers' SanaPipeline.save_lora_weights writes), loadable by its load_lora_weights."""
-  from safetensors.numpy import save_file
+  from sana_jax.convert import writing
   tensors, alpha, rank = state_dict(adapter, cfg, shapes, dtype=dtype)
   alpha = int(alpha) if float(alpha).is_integer() else alpha
   names = sorted({key[len(PREFIX):].rsplit(".lora_", 1)[0] for key in tensors})
@@ -253,7 +271,7 @@ def save(directory, adapter, cfg, shapes, *, dtype=np.float32):
   header = {"format": "pt", METADATA_KEY: json.dumps({PREFIX + k: v for k, v in config.items()}, indent=2,
                                                      sort_keys=True)}
   with files.atomic_directory(directory, _holds_lora) as tmp:
-    save_file(tensors, os.path.join(tmp, WEIGHT_NAME), metadata=header)
+    writing.save_safetensors(os.path.join(tmp, WEIGHT_NAME), tensors, header)
   return os.path.join(directory, WEIGHT_NAME)
 
 

@@ -79,9 +79,15 @@ def _shards(comp, dtype, max_bytes):
   return shards
 
 
+def save_safetensors(path, tensors, metadata):
+  """A safetensors file readable by all, as our other outputs (the package writes it 0600)."""
+  from safetensors.numpy import save_file
+  save_file(tensors, path, metadata=metadata)
+  os.chmod(path, 0o644)
+
+
 def write_weights(directory, comp, dtype=None, max_shard_bytes=MAX_SHARD_BYTES):
   """<prefix>.safetensors, or numbered shards and <prefix>.safetensors.index.json, in `directory`."""
-  from safetensors.numpy import save_file
   prefix = comp.weights_prefix
   shards = _shards(comp, None if dtype is None else dtypes.resolve(dtype), max_shard_bytes)
   weight_map, total = {}, 0
@@ -90,7 +96,7 @@ def write_weights(directory, comp, dtype=None, max_shard_bytes=MAX_SHARD_BYTES):
             f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
     tensors = dict(arrays(comp._replace(entries=shard), dtype))
     # transformers refuses safetensors files without this marker
-    save_file(tensors, os.path.join(directory, name), metadata={"format": "pt"})
+    save_safetensors(os.path.join(directory, name), tensors, {"format": "pt"})
     weight_map.update(dict.fromkeys(tensors, name))
     total += sum(a.nbytes for a in tensors.values())
   if len(shards) > 1:

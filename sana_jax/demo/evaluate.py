@@ -313,9 +313,14 @@ def reference_generator(prompts, seed, triangle="up"):
   return [shapes.render_prompt(p, np.random.default_rng([seed, i, 11]), triangle) for i, p in enumerate(prompts)]
 
 
-def pipeline_generator(model, *, steps, cfg, dtype, height=None, width=None):
+def pipeline_generator(model, *, steps, cfg, dtype, height=None, width=None, loras=()):
+  """loras: [(LoRA file or directory, scale)] applied to the model's transformer."""
   from sana_jax.pipeline import load_pipeline
   pipe = load_pipeline(model, dtype=dtype)
+  for i, (path, _) in enumerate(loras):
+    pipe.load_lora_weights(path, adapter_name=f"lora{i}")
+  if loras:
+    pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale in loras])
 
   def generate(prompts, seed):
     return pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, seed=seed, height=height, width=width,
@@ -343,6 +348,8 @@ def parse_args(argv):
   p.add_argument("--height", type=int)
   p.add_argument("--width", type=int)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                 help="apply this LoRA to the model (as sample.py's --lora); repeatable")
   p.add_argument("--triangle", default="up", choices=shapes.TRIANGLES,
                  help="the way prompted triangles must point to count (--reference draws them so)")
   args = p.parse_args(argv)
@@ -359,13 +366,14 @@ def run(args):
   if args.reference:
     generate = functools.partial(reference_generator, triangle=args.triangle)
   else:
+    from sana_jax.convert.diffusers_lora import parse_specs
     generate = pipeline_generator(args.model, steps=args.steps, cfg=args.cfg, dtype=args.dtype,
-                                  height=args.height, width=args.width)
+                                  height=args.height, width=args.width, loras=parse_specs(args.lora))
   files.output_directory(args.out, "--out")
   report = evaluate(generate, prompts, seed=args.seed, batch_size=args.batch_size,
                     grid_path=os.path.join(args.out, "grid.png"), triangle=args.triangle)
   report["settings"] = {k: getattr(args, k) for k in ("model", "reference", "n", "heldout_fraction", "prompt_seed",
-                                                     "steps", "seed", "height", "width", "dtype", "triangle")}
+                                                     "steps", "seed", "height", "width", "dtype", "triangle", "lora")}
   report["settings"]["cfg"] = getattr(generate, "guidance_scale", None)  # the one used: the model's, if not given
   files.write_json(os.path.join(args.out, "report.json"), report, indent=1)
   return report
