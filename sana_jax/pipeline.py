@@ -123,9 +123,10 @@ class BasePipeline:
   # ---- LoRA, under diffusers' names ---------------------------------------------------------------
 
   def load_lora_weights(self, pretrained_model_name_or_path, adapter_name=None, *, weight_name=None):
-    """Loads a diffusers / peft LoRA file of the transformer (a directory holding
-    pytorch_lora_weights.safetensors, or a .safetensors path) as adapter `adapter_name` (default
-    "default_<n>"); as in diffusers, it becomes the one active adapter, at weight 1.0."""
+    """Loads a diffusers / peft LoRA file of the transformer (a directory or hub id holding
+    pytorch_lora_weights.safetensors or `weight_name`, a .safetensors path, or a state dict of arrays)
+    as adapter `adapter_name` (default "default_<n>"); as in diffusers, it becomes the one active
+    adapter, at weight 1.0."""
     name = f"default_{len(self._adapters)}" if adapter_name is None else adapter_name
     if not isinstance(name, str) or not name:
       raise SanaError(f"adapter_name {short(name)}: expected a non-empty string")

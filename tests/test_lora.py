@@ -127,8 +127,9 @@ def test_files_without_metadata_use_alpha_keys_or_the_rank(pipelines, loras, tmp
   ours.load_lora_weights(str(tmp_path / "bare.safetensors"), adapter_name="bare")
   ours.load_lora_weights(str(tmp_path / "alphas.safetensors"), adapter_name="alphas")
   ours.load_lora_weights(loras["style"], adapter_name="meta")
+  ours.load_lora_weights(tensors, adapter_name="dict")  # a state dict, as diffusers also takes
   scales = {n: float(np.max(ours._adapters[n][("blocks", "attn1", "to_q", "kernel")].scale)) for n in ours._adapters}
-  assert scales == {"bare": 1.0, "alphas": 2.0, "meta": 2.0}
+  assert scales == {"bare": 1.0, "alphas": 2.0, "meta": 2.0, "dict": 1.0}
   ref = diffusers.SanaPipeline.from_pretrained(root)
   ref.load_lora_weights(str(tmp_path / "bare.safetensors"))
   ours.set_adapters("bare")

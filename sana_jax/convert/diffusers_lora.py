@@ -59,7 +59,11 @@ def targets(cfg, shapes):
 
 
 def resolve_file(path, weight_name=None):
+  """The LoRA file of a directory (local, or a hub id fetched when online) or file path."""
+  from sana_jax.convert import pipelines
   path = os.fspath(path)
+  if not os.path.lexists(path) and pipelines.looks_like_hub_id(path):
+    path = pipelines.resolve_model(path)
   if os.path.isdir(path):
     return files.inside(path, weight_name or WEIGHT_NAME, "LoRA weights file")
   if not os.path.lexists(path):
@@ -87,10 +91,14 @@ def parse_specs(specs, flag="--lora"):
 
 
 def read(path, cfg, shapes, *, weight_name=None, num_layers=None):
-  """The adapter {params path: LoraFactors (numpy float32)} in a diffusers / peft LoRA file."""
-  path = resolve_file(path, weight_name)
-  _, metadata, _ = safetensors_io.read_header(path)
-  tensors = safetensors_io.read_file(path)
+  """The adapter {params path: LoraFactors (numpy float32)} in a diffusers / peft LoRA file, or in a
+  state dict {key: array} given instead of a path (alpha = rank, as diffusers without metadata)."""
+  if isinstance(path, dict):
+    tensors, metadata, path = {str(k): np.asarray(v) for k, v in path.items()}, {}, "LoRA state dict"
+  else:
+    path = resolve_file(path, weight_name)
+    _, metadata, _ = safetensors_io.read_header(path)
+    tensors = safetensors_io.read_file(path)
   config = _peft_config(metadata, path)
   ok, refused = modules(cfg, shapes)
   parts = _group(tensors, path)

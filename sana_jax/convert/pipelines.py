@@ -29,13 +29,18 @@ TEXT_SETTINGS = ("max_sequence_length", "complex_human_instruction")  # the prom
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
 
+def looks_like_hub_id(path):
+  """`org/name` with nothing on disk by that name: what resolve_model sends to the hub."""
+  return not os.path.lexists(path) and bool(_HUB_ID.fullmatch(path)) and not path.startswith(".")
+
+
 def resolve_model(path_or_id):
   """A local directory as it is; a hub id (`org/name`, nothing on disk by that name) fetched when
   online. Anything that looks like a path is never sent to the hub."""
   path = os.fspath(path_or_id)
   if os.path.isdir(path):
     return path
-  if os.path.lexists(path) or not _HUB_ID.fullmatch(path) or path.startswith("."):
+  if not looks_like_hub_id(path):
     why = "is not a directory" if os.path.lexists(path) else "does not exist"
     raise SanaError(f"model directory {short(path, 200)} {why}")
   try:

@@ -78,9 +78,14 @@ def stage_eval(out, a):
       raise SanaError("the evaluation failed")
     with open(os.path.join(where, "report.json")) as f:
       full = json.load(f)
-    others = [r["score"] for r in full["results"] if "triangle" not in r["prompt"]]
-    report[name] = dict(triangles=full["triangles"], score=full["score"], prompts_without_triangles=len(others),
-                        score_without_triangles=round(sum(others) / len(others), 4))
+    results = full["results"]
+    others = [r["score"] for r in results if "triangle" not in r["prompt"]]
+    by = lambda keep, results=results: evaluate.triangle_orientation([r for r in results if keep(r)])
+    report[name] = dict(
+        triangles=full["triangles"], score=full["score"], prompts_without_triangles=len(others),
+        score_without_triangles=round(sum(others) / len(others), 4),
+        triangles_by_category={c: by(lambda r, c=c: r["category"] == c) for c in evaluate.CATEGORIES},
+        triangles_seen_pairs=by(lambda r: not r["heldout"]), triangles_held_out_pairs=by(lambda r: r["heldout"]))
   return report
 
 
@@ -91,12 +96,12 @@ def main(argv=None):
   p.add_argument("--model", default=ASSET, help="the demo pipeline directory (default: the shipped one)")
   p.add_argument("--triangles", type=int, default=16, help="images of triangle prompts, triangles drawn down")
   p.add_argument("--others", type=int, default=16, help="images of prompts without triangles")
-  p.add_argument("--steps", type=int, default=800)
+  p.add_argument("--steps", type=int, default=400)
   p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--lr", type=float, default=2e-3)
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--eval-prompts", type=int, default=96)
+  p.add_argument("--eval-prompts", type=int, default=200)
   a = p.parse_args(argv)
   if a.triangles < 1 or a.others < 0 or a.triangles + a.others > 32:
     raise SanaError("--triangles (>= 1) and --others (>= 0) add up to at most 32 images")
@@ -111,7 +116,7 @@ def main(argv=None):
       continue
     print(f"[lora recipe] {name} ...", flush=True)
     start = time.time()
-    log[name] = dict(run(out), seconds=round(time.time() - start, 1))
+    log[name] = dict(run(out, a), seconds=round(time.time() - start, 1))
     files.write_json(log_path, log, indent=1)
     print(f"[lora recipe] {name}: {json.dumps(log[name])[:400]}", flush=True)
   print(f"[lora recipe] done: {log_path}")
