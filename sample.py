@@ -195,10 +195,7 @@ def main(argv=None):
   enable_compilation_cache()
   pipe = load_pipeline(model_dir, dtype=args.dtype, sampler=args.sampler)
   sprint = isinstance(pipe, SanaSprintPipeline)
-  for i, (path, _) in enumerate(loras):
-    pipe.load_lora_weights(path, adapter_name=f"lora{i}")
-  if loras:
-    pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale in loras])
+  pipe.load_loras(loras)
   files.output_directory(args.output_dir, "--output-dir")
   index = first_index(args.output_dir, args.overwrite)
   cfg = pipe.guidance_scale if args.cfg is None else args.cfg

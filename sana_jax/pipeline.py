@@ -139,6 +139,14 @@ class BasePipeline:
     self._adapters[name] = adapter if self.mesh is None else jax.device_put(adapter, self._replicated)
     self._adapter_weights = {name: 1.0}
 
+  def load_loras(self, loras):
+    """[(path, scale)] loaded as adapters lora0, lora1, ... and made the active set at those scales (what
+    sample.py's --lora flags do)."""
+    for i, (path, _) in enumerate(loras):
+      self.load_lora_weights(path, adapter_name=f"lora{i}")
+    if loras:
+      self.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale in loras])
+
   def set_adapters(self, adapter_names, adapter_weights=None):
     """The adapters to apply and their weights (a number for all, or one per name; default 1.0).
     Changing weights does not recompile: they enter the jitted sampler as arrays."""

@@ -317,10 +317,7 @@ def pipeline_generator(model, *, steps, cfg, dtype, height=None, width=None, lor
   """loras: [(LoRA file or directory, scale)] applied to the model's transformer."""
   from sana_jax.pipeline import load_pipeline
   pipe = load_pipeline(model, dtype=dtype)
-  for i, (path, _) in enumerate(loras):
-    pipe.load_lora_weights(path, adapter_name=f"lora{i}")
-  if loras:
-    pipe.set_adapters([f"lora{i}" for i in range(len(loras))], [scale for _, scale in loras])
+  pipe.load_loras(loras)
 
   def generate(prompts, seed):
     return pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, seed=seed, height=height, width=width,
