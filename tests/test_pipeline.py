@@ -139,7 +139,7 @@ def test_text_keys_values_computed_once_per_generation(pipelines):
   def macs(steps):
     run = lambda s, x: ours._generate_impl(s, x, embeds, mask, neg, neg_mask, 4.5, sampler="flow_dpm", steps=steps,
                                            start=0, cfg=True)
-    return count_macs(run, ours._dit_state, latents)
+    return count_macs(run, ours._dit_inputs(), latents)
 
   per_step = macs(3) - macs(2)
   x2 = jnp.zeros((2, HEIGHT // 4, WIDTH // 4, 8))
