@@ -76,8 +76,7 @@ class LoraPlan:
 
   def save(self, directory, params, dtype=np.float32):
     """The trained adapter as a diffusers LoRA file (DIR/pytorch_lora_weights.safetensors)."""
-    adapter = {p: f._replace(down=np.asarray(f.down), up=np.asarray(f.up)) for p, f in self.adapter(params).items()}
-    return diffusers_lora.save(directory, adapter, self.model_config, self.base_shapes, dtype=dtype)
+    return diffusers_lora.save(directory, self.adapter(params), self.model_config, self.base_shapes, dtype=dtype)
 
 
 def _targets(model_config, flat_abstract):
