@@ -173,7 +173,7 @@ def test_float16_overflow_is_a_user_error(tmp_path):
 
 
 def test_failed_save_leaves_previous_directory_whole(tmp_path, monkeypatch):
-  import safetensors.numpy
+  from sana_jax.convert import safetensors_io
   make_dit(tmp_path / "ref")
   ours = sana_jax.SanaTransformer.from_pretrained(tmp_path / "ref")
   ours.save_pretrained(tmp_path / "out")
@@ -182,7 +182,7 @@ def test_failed_save_leaves_previous_directory_whole(tmp_path, monkeypatch):
   def crash(*args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr(safetensors.numpy, "save_file", crash)
+  monkeypatch.setattr(safetensors_io, "write_file", crash)
   with pytest.raises(OSError, match="disk full"):
     ours.save_pretrained(tmp_path / "out", "bfloat16")
   assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

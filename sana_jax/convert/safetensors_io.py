@@ -1,4 +1,5 @@
-"""Reads safetensors files (single, or sharded with an index) into memory-mapped numpy arrays.
+"""Reads safetensors files (single, or sharded with an index) into memory-mapped numpy arrays, and
+writes them one tensor at a time.
 
 Parsed here rather than by the `safetensors` package for two reasons: arrays stay read-only views of
 a memory map until the converter touches them (a 1.6B checkpoint is not copied twice), and every
@@ -23,6 +24,7 @@ DTYPES = {  # safetensors dtype codes
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
 def read_header(path):
@@ -123,3 +125,28 @@ def read_dir(directory, prefix):
   if missing:
     raise SanaError(f"{index_path}: {len(missing)} tensor(s) the index names are in no shard, e.g. {short(missing[0])}")
   return out
+
+
+def write_file(path, specs, arrays, metadata=None):
+  """Writes a new .safetensors file (readable by all) one tensor at a time, so no model is ever held
+  whole: `specs` [(name, dtype, shape)] make the header, then `arrays` (an iterator, which may go on to
+  the next file's tensors) yields (name, array) in the same order; each is written before the next is
+  made. Returns the bytes of tensor data written."""
+  header, offset = {}, 0
+  for name, dtype, shape in specs:
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+    offset += size
+  raw = json.dumps({"__metadata__": metadata, **header} if metadata else header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the package writes it
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  os.fchmod(fd, 0o644)  # whatever the umask: a model directory is for others to read
+  with os.fdopen(fd, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little") + raw)
+    for name, dtype, shape in specs:
+      got, array = next(arrays)
+      if got != name or array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
+        raise ValueError(f"tensor {got} {array.dtype}{array.shape} written where the header says {name} "
+                         f"{np.dtype(dtype)}{tuple(shape)}")
+      f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+  return offset

@@ -1,15 +1,17 @@
 """Writing export plans to disk: official arrays in the chosen dtype, safetensors files (sharded with an
 index above a size, as diffusers and transformers do), config.json, all inside an atomic directory.
 
-Files are `safetensors.numpy` (no torch); a directory appears whole or not at all.
+Files are written one tensor at a time (safetensors_io.write_file, no torch); a directory appears whole or
+not at all.
 """
 import math
 import os
 
+import jax
 import numpy as np
 
 from sana_jax import dtypes, files
-from sana_jax.convert import invert
+from sana_jax.convert import invert, safetensors_io
 from sana_jax.errors import SanaError
 
 MAX_SHARD_BYTES = 5 * 10**9  # the shard size the official Sana repositories were written with ("5GB")
@@ -48,13 +50,18 @@ def arrays(comp, dtype=None):
     if cached[0] != e.path:
       cached = (e.path, _host(comp.state[e.path], e.name))
     w = e.transform.inverse(cached[1] if e.layer is None else cached[1][e.layer], comp.model_config)
-    if dtype is not None and dtypes.is_float(w.dtype) and w.dtype != dtype:
-      with np.errstate(over="ignore"):  # overflow is reported below, by name
-        cast = w.astype(dtype)
-      if dtype == dtypes.DTYPES["float16"] and not np.isfinite(cast).all() and np.isfinite(w).all():
-        raise SanaError(f"weight {e.name} overflows float16; save it as float32 or bfloat16")
-      w = cast
-    yield e.name, np.ascontiguousarray(w)
+    yield e.name, np.ascontiguousarray(cast(w, dtype, e.name))
+
+
+def cast(w, dtype, name):
+  """A floating array `w` in `dtype` (None: as it is); a weight that overflows float16 is an error naming it."""
+  if dtype is None or not dtypes.is_float(w.dtype) or w.dtype == dtype:
+    return w
+  with np.errstate(over="ignore"):  # overflow is reported below, by name
+    out = w.astype(dtype)
+  if dtype == dtypes.DTYPES["float16"] and not np.isfinite(out).all() and np.isfinite(w).all():
+    raise SanaError(f"weight {name} overflows float16; save it as float32 or bfloat16")
+  return out
 
 
 def state_dict(model, dtype=None):
@@ -62,46 +69,58 @@ def state_dict(model, dtype=None):
   return dict(arrays(component(model, dtype), dtype))
 
 
-def _shards(comp, dtype, max_bytes):
-  """Entries split greedily into consecutive shards of at most max_bytes (one tensor may exceed it)."""
-  def nbytes(e):
-    stored = np.dtype(np.int64) if e.path is None else np.dtype(comp.state[e.path].dtype)
-    return math.prod(e.shape) * (dtype.itemsize if dtype is not None and dtypes.is_float(stored) else stored.itemsize)
+def out_dtype(stored, dtype):
+  """The dtype `cast` gives an array stored as `stored`."""
+  return np.dtype(dtype if dtype is not None and dtypes.is_float(stored) else stored)
 
+
+def _official_shape(comp, e):
+  if e.path is None:
+    return np.shape(e.transform.inverse(None, comp.model_config))
+  inverse = lambda w: e.transform.inverse(w, comp.model_config)
+  return jax.eval_shape(inverse, jax.ShapeDtypeStruct(e.shape, np.float32)).shape
+
+
+def specs(comp, dtype=None):
+  """[(official name, dtype, shape)] of what `arrays(comp, dtype)` yields, without making an array."""
+  dtype = None if dtype is None else dtypes.resolve(dtype)
+  stored = lambda e: np.int64 if e.path is None else comp.state[e.path].dtype
+  return [(e.name, out_dtype(stored(e), dtype), _official_shape(comp, e)) for e in comp.entries]
+
+
+def write_tensors(directory, prefix, specs, arrays, max_shard_bytes=MAX_SHARD_BYTES, metadata=None):
+  """<prefix>.safetensors in `directory`, or numbered shards of at most max_shard_bytes (one tensor may
+  exceed it) and <prefix>.safetensors.index.json, as diffusers and transformers write them. `arrays`
+  yields (name, array) in the order of `specs` [(name, dtype, shape)]; one tensor is in memory at a time."""
   shards, size = [[]], 0
-  for e in comp.entries:
-    n = nbytes(e)
-    if shards[-1] and size + n > max_bytes:
+  for spec in specs:
+    n = math.prod(spec[2]) * np.dtype(spec[1]).itemsize
+    if shards[-1] and size + n > max_shard_bytes:
       shards.append([])
       size = 0
-    shards[-1].append(e)
+    shards[-1].append(spec)
     size += n
-  return shards
-
-
-def save_safetensors(path, tensors, metadata):
-  """A safetensors file readable by all, as our other outputs (the package writes it 0600)."""
-  from safetensors.numpy import save_file
-  save_file(tensors, path, metadata=metadata)
-  os.chmod(path, 0o644)
-
-
-def write_weights(directory, comp, dtype=None, max_shard_bytes=MAX_SHARD_BYTES):
-  """<prefix>.safetensors, or numbered shards and <prefix>.safetensors.index.json, in `directory`."""
-  prefix = comp.weights_prefix
-  shards = _shards(comp, None if dtype is None else dtypes.resolve(dtype), max_shard_bytes)
-  weight_map, total = {}, 0
+  arrays, weight_map, total = iter(arrays), {}, 0
   for i, shard in enumerate(shards):
     name = (f"{prefix}.safetensors" if len(shards) == 1 else
             f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-    tensors = dict(arrays(comp._replace(entries=shard), dtype))
-    # transformers refuses safetensors files without this marker
-    save_safetensors(os.path.join(directory, name), tensors, {"format": "pt"})
-    weight_map.update(dict.fromkeys(tensors, name))
-    total += sum(a.nbytes for a in tensors.values())
+    # transformers refuses safetensors files without the format marker
+    total += safetensors_io.write_file(os.path.join(directory, name), shard, arrays, metadata or {"format": "pt"})
+    weight_map.update(dict.fromkeys((spec[0] for spec in shard), name))
   if len(shards) > 1:
     files.write_json(os.path.join(directory, f"{prefix}.safetensors.index.json"),
                      {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
+
+
+def save_safetensors(path, tensors, metadata):
+  """One safetensors file of {name: array}, readable by all, as our other outputs."""
+  safetensors_io.write_file(path, [(k, v.dtype, v.shape) for k, v in tensors.items()], iter(tensors.items()),
+                            metadata)
+
+
+def write_weights(directory, comp, dtype=None, max_shard_bytes=MAX_SHARD_BYTES):
+  """A component's weights in `directory`, sharded above max_shard_bytes (write_tensors)."""
+  write_tensors(directory, comp.weights_prefix, specs(comp, dtype), arrays(comp, dtype), max_shard_bytes)
 
 
 def library_header(class_name):
