@@ -54,11 +54,11 @@ def save_tiny_sana_pipeline(root, tokenizer, *, sprint=False, dit_options=None, 
       vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
       num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=64, max_position_embeddings=1024,
       pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager")).eval()
-  dit = diffusers.SanaTransformer2DModel(
-      in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, num_layers=2,
-      num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=64, caption_channels=32,
-      sample_size=8, **(dict(guidance_embeds=True, qk_norm="rms_norm_across_heads") if sprint else {}),
-      **(dit_options or {})).eval()
+  dit = diffusers.SanaTransformer2DModel(**{
+      **dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, num_layers=2,
+             num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=64, caption_channels=32,
+             sample_size=8), **(dict(guidance_embeds=True, qk_norm="rms_norm_across_heads") if sprint else {}),
+      **(dit_options or {})}).eval()
   vae = diffusers.AutoencoderDC(
       in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types="ResBlock",
       decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16, 16),

@@ -4,8 +4,9 @@ import dataclasses
 from flax import nnx
 
 from sana_jax import dtypes
-from sana_jax.convert import invert, loading
+from sana_jax.convert import invert, loading, safetensors_io
 from sana_jax.convert.table import CONV1X1, GLU_DEPTHWISE, GLU_EXPAND, IDENTITY, LINEAR, SPLIT_TWO, Transform
+from sana_jax.errors import SanaError, short
 from sana_jax.models.dit import SanaTransformer, SanaTransformerConfig
 
 # [D, C, p, p] <-> [(row, col, C), D], the order patchify flattens tokens in
@@ -60,16 +61,60 @@ OURS_ONLY = ("linear_attention_eps", "remat", "scan_unroll")  # runtime options,
 def read_config(path, **overrides):
   """The SanaTransformerConfig of a diffusers transformer directory (or a pipeline's transformer/)."""
   path = loading.resolve_dir(path, "transformer")
-  raw = {**loading.read_config(path, CLASS_NAME), **overrides}
-  return path, SanaTransformerConfig.from_dict(raw, source=f"{path}/config.json")
+  source = f"{path}/config.json"
+  raw = {**upgrade_config(loading.read_config(path, CLASS_NAME), source), **overrides}
+  return path, SanaTransformerConfig.from_dict(raw, source=source)
+
+
+# diffusers' Sana transformer before its release (pre-merge configs): keys whose only meaningful value
+# is today's layout, and keys that do not change the model (caption_norm_scale_factor only set the
+# initial value of caption_norm.weight, which every checkpoint holds)
+_PRE_MERGE_FIXED = {"activation_fn": ["silu", "silu", None], "ff_bias": [True, True, False],
+                    "ff_norm": [None, None, None], "norm_type": "ada_norm_single", "use_caption_norm": True,
+                    "attention_type": "default", "upcast_attention": False, "use_additional_conditions": None}
+_PRE_MERGE_UNUSED = ("caption_norm_scale_factor", "num_embeds_ada_norm", "norm_num_groups")
+
+
+def upgrade_config(raw, source="transformer config"):
+  """A pre-merge diffusers transformer config in today's keys where the meaning is certain (expand_ratio
+  is mlp_ratio; use_pe false is no position embedding, interpolation_scale None); anything else one line."""
+  raw = dict(raw)
+  for key, value in _PRE_MERGE_FIXED.items():
+    if key in raw:
+      got = raw.pop(key)
+      got = list(got) if isinstance(got, (list, tuple)) else got
+      if got != value and not (key == "use_additional_conditions" and got is False):
+        raise SanaError(f"{source}: {key} = {short(got)} (a pre-release diffusers config) has no equivalent in "
+                        f"SanaTransformer2DModel, which fixes it to {value!r}")
+  for key in _PRE_MERGE_UNUSED:
+    raw.pop(key, None)
+  if "expand_ratio" in raw:
+    ratio = raw.pop("expand_ratio")
+    if raw.setdefault("mlp_ratio", ratio) != ratio:
+      raise SanaError(f"{source}: expand_ratio {short(ratio)} and mlp_ratio {short(raw['mlp_ratio'])} disagree")
+  if "use_pe" in raw:
+    if raw.pop("use_pe") is not False:
+      raise SanaError(f"{source}: use_pe (a pre-release diffusers config) also added a 1-D position embedding in "
+                      f"every block, which SanaTransformer2DModel has not; convert the original .pth with "
+                      f"`python -m sana_jax.convert` instead")
+    raw["interpolation_scale"] = None  # before the merge use_pe, not interpolation_scale, decided
+  return raw
 
 
 def load(path, *, dtype, param_dtype, attention_impl="xla", mesh=None, rules=None, **overrides):
-  dtype, param_dtype = dtypes.resolve(dtype), dtypes.resolve(param_dtype)
   path, cfg = read_config(path, **overrides)
+  return load_state(safetensors_io.read_dir(path, "diffusion_pytorch_model"), cfg, dtype=dtype,
+                    param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh, rules=rules, source=path)
+
+
+def load_state(state_dict, cfg, *, dtype, param_dtype, attention_impl="xla", mesh=None, rules=None,
+               source="transformer"):
+  """A SanaTransformer with config `cfg` from {diffusers name: array}."""
+  dtype, param_dtype = dtypes.resolve(dtype), dtypes.resolve(param_dtype)
   build = lambda: SanaTransformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                   attention_impl=attention_impl)
-  return loading.load_weights(path, build, TABLE, num_layers=cfg.num_layers, mesh=mesh, rules=rules)
+  return loading.load_state(state_dict, build, TABLE, num_layers=cfg.num_layers, mesh=mesh, rules=rules,
+                            source=source)
 
 
 def export_plan(cfg, state):

@@ -70,7 +70,7 @@ def _groups(pattern):
   return sorted(spans)
 
 
-def _target_regex(pattern, target):
+def target_regex(pattern, target):
   """A regex over our dotted paths matching what `target` can produce, each backreference replaced by
   the source group it copies (named g<N>), so a match recovers the captured values."""
   texts = {n: pattern[a + 1:b] for a, b, n in _groups(pattern) if n}
@@ -85,7 +85,7 @@ def _target_regex(pattern, target):
   return re.compile("".join(out))
 
 
-def _unparse(pattern, values, optional):
+def unparse(pattern, values, optional):
   """The string `pattern` matches with capturing group N equal to values[N]; an optional group
   `(?:X)?` is written when optional[X] is true. Any other regex syntax outside a capturing group
   has no single spelling and is an error in the table."""
@@ -104,7 +104,7 @@ def _unparse(pattern, values, optional):
       inner = pattern[i + 3:end]
       if pattern[end + 1:end + 2] != "?" or inner not in optional:
         raise ValueError(f"{pattern!r}: say whether the optional group {inner!r} is written on export")
-      out.append(_unparse(inner, {}, optional) if optional[inner] else "")
+      out.append(unparse(inner, {}, optional) if optional[inner] else "")
       i = end + 2
     elif c == "\\" and not pattern[i + 1].isalnum():
       out.append(pattern[i + 1])
@@ -121,7 +121,7 @@ def plan(state, table, *, optional=None, source="model"):
   """Entries for every array of `state` ({path tuple: array}), named by running `table` backwards.
 
   optional: {inner text of an optional regex group: write it?}."""
-  rules = [(_target_regex(p, t), p, t, tr) for p, t, tr in table if t is not None]
+  rules = [(target_regex(p, t), p, t, tr) for p, t, tr in table if t is not None]
   entries = []
   for path, leaf in state.items():
     dotted = ".".join(path)
@@ -132,10 +132,10 @@ def plan(state, table, *, optional=None, source="model"):
     m, pattern, target, transform = hits[0]
     values = {int(k[1:]): v for k, v in m.groupdict().items()}
     if "{layer}" in target:
-      entries += [Entry(_unparse(pattern, {**values, 1: str(i)}, optional or {}), path, i, transform, leaf.shape[1:])
+      entries += [Entry(unparse(pattern, {**values, 1: str(i)}, optional or {}), path, i, transform, leaf.shape[1:])
                   for i in range(leaf.shape[0])]
     else:
-      entries.append(Entry(_unparse(pattern, values, optional or {}), path, None, transform, leaf.shape))
+      entries.append(Entry(unparse(pattern, values, optional or {}), path, None, transform, leaf.shape))
   return entries
 
 

@@ -35,11 +35,16 @@ def read_config(path, class_name=None):
 def load_weights(path, build, table, *, num_layers=0, mesh=None, rules=None,
                  weights_prefix="diffusion_pytorch_model"):
   """Builds `build()` abstractly, fills it from diffusers safetensors in `path` via `table`."""
+  return load_state(safetensors_io.read_dir(path, weights_prefix), build, table, num_layers=num_layers, mesh=mesh,
+                    rules=rules, source=path)
+
+
+def load_state(state_dict, build, table, *, num_layers=0, mesh=None, rules=None, source="checkpoint"):
+  """Builds `build()` abstractly, fills it from {official name: array} via `table`."""
   graphdef, abstract = nnx.split(nnx.eval_shape(build))
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))  # keys keep their types (List indices)
   name = lambda key: tuple(map(str, key))
-  weights = convert(safetensors_io.read_dir(path, weights_prefix), table,
-                    {name(k): v.shape for k, v in flat.items()}, num_layers, source=path)
+  weights = convert(state_dict, table, {name(k): v.shape for k, v in flat.items()}, num_layers, source=source)
   shardings = {}
   if mesh is not None:
     tree = nnx.to_pure_dict(parallel.state_shardings(abstract, mesh, rules))

@@ -358,6 +358,17 @@ class SanaTransformer(nnx.Module):
     return diffusers_dit.load(path, dtype=dtype, param_dtype=param_dtype or dtype,
                               attention_impl=attention_impl, mesh=mesh, rules=rules, **config_overrides)
 
+  @classmethod
+  def from_single_file(cls, path, dtype=jnp.float32, attention_impl="xla", *, resolution=None, config=None,
+                       param_dtype=None, mesh=None, rules=None):
+    """Loads an original NVlabs/Sana checkpoint file (.pth, read without unpickling code, or an
+    original-layout .safetensors). Its config is inferred for the released sizes; `resolution` (512,
+    1024, 2048, 4096; default from the checkpoint's pos_embed) sets the sample size and position
+    embedding; `config` (a dict or a diffusers config.json path) overrides any field."""
+    from sana_jax.convert import nvlabs
+    return nvlabs.load(path, resolution=resolution, config=config, dtype=dtype, param_dtype=param_dtype or dtype,
+                       attention_impl=attention_impl, mesh=mesh, rules=rules)
+
   def save_pretrained(self, directory, dtype="float32", **kwargs):
     """Writes a diffusers `SanaTransformer2DModel` directory (config.json + safetensors in `dtype`).
     linear_attention_eps, remat and scan_unroll have no diffusers field and are not saved."""
