@@ -318,3 +318,20 @@ def test_pre_merge_diffusers_configs(tmp_path):
                        (dict(expand_ratio=4.0, mlp_ratio=2.5), "disagree")):
     with pytest.raises(sana_jax.SanaError, match=re.escape(message)):
       diffusers_dit.upgrade_config({**config, **bad})
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "required: src, --out"),
+    (["missing.pth", "--out", "O"], "checkpoint missing.pth does not exist"),
+    (["{pth}", "--out", "O", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["{pth}", "--out", "{pth}"], "exists and is not a directory"),
+])
+def test_command_line_bad_arguments_exit_2(tmp_path, args, message):
+  import subprocess
+  import sys
+  pth = tmp_path / "x.pth"
+  pth.write_bytes(b"")
+  out = subprocess.run([sys.executable, "-m", "sana_jax.convert", *(a.format(pth=pth) for a in args)],
+                       capture_output=True, text=True, cwd=tmp_path)
+  assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+  assert pth.read_bytes() == b"" and sorted(os.listdir(tmp_path)) == ["x.pth"]
