@@ -3,15 +3,18 @@
   python sample.py "a red fox in the snow" --model PATH_OR_HUB_ID [--steps 20 --cfg 4.5 --seed 0]
   python sample.py "a red fox in the snow" --model SPRINT_DIR          (2 steps; --steps 1 to 4)
   python sample.py "a red fox, oil painting" --image fox.jpg --strength 0.6
+  python sample.py "a red fox" --model CONTROLNET_DIR --control-image edges.png [--control-scale 1.0]
 
 Without --model, the demo model that ships inside the package. Any diffusers-format SanaPipeline,
-SanaPAGPipeline, SanaSprintPipeline or SanaSprintImg2ImgPipeline directory works; --steps defaults to
-the model's (2 for Sana-Sprint, else 20). Without --cfg, the model's own guidance scale (model_index.json
-"sana_jax"; 3.0 for the demo model), else 4.5; for Sana-Sprint it is the embedded guidance.
---image starts from that image (scaled to cover the output size and centre-cropped); --strength in
-(0, 1] is how much noise replaces it (default 0.6). --lora PATH[:SCALE] (repeatable) applies a diffusers /
-peft LoRA file of the transformer (a directory with pytorch_lora_weights.safetensors, or the file) at
-SCALE (default 1.0).
+SanaPAGPipeline, SanaControlNetPipeline, SanaSprintPipeline or SanaSprintImg2ImgPipeline directory works;
+--steps defaults to the model's (2 for Sana-Sprint, else 20). Without --cfg, the model's own guidance scale
+(model_index.json "sana_jax"; 3.0 for the demo model), else 4.5; for Sana-Sprint it is the embedded
+guidance. --image starts from that image (scaled to cover the output size and centre-cropped); --strength
+in (0, 1] is how much noise replaces it (default 0.6). A SanaControlNetPipeline needs --control-image (a
+condition map such as an edge map, scaled to cover and centre-cropped like --image) and takes
+--control-scale (the ControlNet's residuals' factor, default 1.0; 0 gives the base model's image).
+--lora PATH[:SCALE] (repeatable) applies a diffusers / peft LoRA file of the transformer (a directory with
+pytorch_lora_weights.safetensors, or the file) at SCALE (default 1.0).
 
 Writes OUTPUT_DIR/NNNN.png in prompt order, each with its prompt, seed, steps, cfg, model (and LoRAs with
 their scales) in the PNG's text metadata. Images already in OUTPUT_DIR are kept: numbering continues after
@@ -53,6 +56,8 @@ def parse_args(argv):
                  "model's own, else 4.5)")
   p.add_argument("--image", help="image-to-image: start from this image file")
   p.add_argument("--strength", type=float, default=None, help="image-to-image noise strength in (0, 1] (default 0.6)")
+  p.add_argument("--control-image", help="a SanaControlNetPipeline's condition image (e.g. an edge map)")
+  p.add_argument("--control-scale", type=float, default=None, help="ControlNet conditioning scale (default 1.0)")
   p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                  help="a LoRA file or directory, at SCALE (default 1.0); repeatable")
   p.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (0 = off)")
@@ -93,6 +98,15 @@ def check_settings(args, configs, n_images):
     args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     if not 0 < args.strength <= 1:
       raise SanaError(f"--strength {args.strength}: expected a number in (0, 1]")
+  controlnet = configs["index"]["_class_name"] == "SanaControlNetPipeline"
+  if controlnet != bool(args.control_image):
+    raise SanaError("this model is a ControlNet pipeline: give --control-image" if controlnet else
+                    "--control-image is for a SanaControlNetPipeline model, and this is not one")
+  if args.control_scale is not None and not args.control_image:
+    raise SanaError("--control-scale is for a ControlNet: give --control-image too")
+  args.control_scale = 1.0 if args.control_scale is None else args.control_scale
+  if not math.isfinite(args.control_scale):
+    raise SanaError(f"--control-scale {args.control_scale}: expected a finite number")
   if not 0 < args.steps <= MAX_STEPS:
     raise SanaError(f"--steps {args.steps}: the number of inference steps must be from 1 to {MAX_STEPS}")
   if args.cfg is not None and (not math.isfinite(args.cfg) or args.cfg < 0):
@@ -184,6 +198,10 @@ def main(argv=None):
   if args.image:
     from sana_jax.data import images as image_files
     init_image = image_files.load(args.image, "--image")
+  control_image = None
+  if args.control_image:
+    from sana_jax.data import images as image_files
+    control_image = image_files.load(args.control_image, "--control-image")
 
   import jax
   import jax.numpy as jnp
@@ -204,6 +222,8 @@ def main(argv=None):
   settings = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=cfg)
   if init_image is not None:
     settings.update(image=init_image, strength=args.strength)
+  if control_image is not None:
+    settings.update(control_image=control_image, controlnet_conditioning_scale=args.control_scale)
   if not sprint:
     settings.update(negative_prompt=args.negative_prompt, pag_scale=args.pag, pag_applied_layers=args.pag_layers)
   first_call, later, later_images, written = None, 0.0, 0, 0
@@ -229,6 +249,8 @@ def main(argv=None):
         meta["pag"] = args.pag
       if init_image is not None:
         meta.update(image=args.image, strength=args.strength)
+      if control_image is not None:
+        meta.update(control_image=args.control_image, control_scale=args.control_scale)
       if loras:
         meta["lora"] = json.dumps([{"path": path, "scale": scale} for path, scale in loras])
       save_png(image, os.path.join(args.output_dir, f"{index:04d}.png"), meta)

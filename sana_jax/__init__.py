@@ -10,7 +10,9 @@ _PUBLIC = {
     "DCAE": "sana_jax.models.dcae", "DCAEConfig": "sana_jax.models.dcae",
     "GemmaConfig": "sana_jax.models.gemma", "GemmaTextEncoder": "sana_jax.models.gemma",
     "SanaTransformer": "sana_jax.models.dit", "SanaTransformerConfig": "sana_jax.models.dit",
+    "SanaControlNetModel": "sana_jax.models.controlnet",
     "SanaPipeline": "sana_jax.pipeline", "load_pipeline": "sana_jax.pipeline",
+    "SanaControlNetPipeline": "sana_jax.pipeline",
     "SanaSprintPipeline": "sana_jax.sprint",
 }
 __all__ = sorted([*_PUBLIC, "SanaError"])

@@ -372,7 +372,8 @@ class SanaPipeline(BasePipeline):
                              static_argnames=("sampler", "steps", "start", "cfg", "pag", "pag_layers"))
 
   def _generate_impl(self, dit, latents, embeds, mask, neg_embeds, neg_mask, guidance, pag_scale=0.0,
-                     pag_layers=(), *, sampler, steps, start, cfg, pag=False):
+                     pag_layers=(), control=None, *, sampler, steps, start, cfg, pag=False):
+    """control: (ControlNet state, condition latents [n, h, w, C], conditioning scale) or None."""
     schedule, step = SAMPLERS[sampler]
     sigmas, timesteps = (jnp.asarray(a) for a in schedule(steps, self.flow_shift))
     model = self._dit_model(dit)
@@ -386,9 +387,19 @@ class SanaPipeline(BasePipeline):
       rows = jnp.arange(n * len(parts)) >= n * (len(parts) - 1)
       perturbed = (rows, jnp.zeros(model.config.num_layers, bool).at[jnp.asarray(pag_layers)].set(True))
 
+    if control is not None:  # the ControlNet's text and condition, once per generation, batched like the model's
+      controlnet = nnx.merge(self._controlnet_graph, control[0])
+      control_text = controlnet.encode_text(jnp.concatenate(parts), jnp.concatenate(masks))
+      condition = jnp.concatenate([control[1]] * len(parts)).astype(controlnet.dtype)
+
     def velocity(x, t):
       xin = jnp.concatenate([x] * len(parts))
-      v = model(xin.astype(model.dtype), jnp.full((xin.shape[0],), t), text=text, perturbed=perturbed)
+      tt = jnp.full((xin.shape[0],), t)
+      residuals = None
+      if control is not None:
+        residuals = controlnet(xin.astype(controlnet.dtype), tt, controlnet_cond=condition,
+                               conditioning_scale=control[2], text=control_text).astype(model.dtype)
+      v = model(xin.astype(model.dtype), tt, text=text, perturbed=perturbed, controlnet_block_samples=residuals)
       v = jnp.split(v.astype(jnp.float32), len(parts))
       v_text = v[1] if cfg else v[0]
       out = v[0] + guidance * (v_text - v[0]) if cfg else v_text
@@ -401,9 +412,11 @@ class SanaPipeline(BasePipeline):
                use_resolution_binning=True, pag_scale=0.0, pag_applied_layers=(0,), *, image=None, strength=1.0,
                prompt_embeds=None, prompt_attention_mask=None, negative_prompt_embeds=None,
                negative_prompt_attention_mask=None, max_sequence_length=None,
-               complex_human_instruction=PIPELINES_OWN, clean_caption=False, return_dict=True):
+               complex_human_instruction=PIPELINES_OWN, clean_caption=False, return_dict=True, control_image=None,
+               controlnet_conditioning_scale=1.0):
     """Images for `prompt` (or prompt_embeds), as diffusers' SanaPipeline makes them from the same
-    latents (standard normal, NHWC; else drawn from `seed`).
+    latents (standard normal, NHWC; else drawn from `seed`). control_image / controlnet_conditioning_scale:
+    SanaControlNetPipeline's.
 
     Image-to-image (`image`: PIL image(s) or an array [B, H, W, 3] in [0, 1]; other sizes are scaled
     to cover and centre-cropped): the run starts at the first step of the same schedule whose noise
@@ -436,10 +449,58 @@ class SanaPipeline(BasePipeline):
       start = flow_start(sigmas, strength)
       if start > 0:  # at the first step, the noise alone (text-to-image)
         x = (1 - sigmas[start]) * self._image_latents(pixels) + sigmas[start] * x
+    control = self._control(control_image, controlnet_conditioning_scale, x.shape[0], size)
     run = lambda *a: self._generate(self._dit_inputs(), *a, jnp.float32(guidance_scale), jnp.float32(pag_scale), layers,
-                                    sampler=sampler, steps=num_inference_steps, start=start, cfg=cfg, pag=pag)
+                                    control, sampler=sampler, steps=num_inference_steps, start=start, cfg=cfg, pag=pag)
     x = self._on_devices(run, x, embeds, mask, neg, neg_mask)
     return self._output(x, asked, output_type, return_dict)
+
+
+  def _control(self, control_image, scale, n, size):
+    if control_image is not None:
+      raise SanaError("control_image needs a ControlNet: load a SanaControlNetPipeline directory")
+
+
+class SanaControlNetPipeline(SanaPipeline):
+  """diffusers' SanaControlNetPipeline: SanaPipeline with a SanaControlNetModel whose residuals steer the
+  transformer. The control image is encoded by the VAE once per generation; ControlNet and transformer
+  run in the same jitted scan, on the same classifier-free-guidance batch."""
+  _class_name = "SanaControlNetPipeline"
+
+  def __init__(self, tokenizer, text_encoder, transformer, vae, controlnet, **settings):
+    super().__init__(tokenizer, text_encoder, transformer, vae, **settings)
+    if controlnet.config.inner_dim != transformer.config.inner_dim:
+      raise SanaError(f"a ControlNet of width {controlnet.config.inner_dim} for a transformer of width "
+                      f"{transformer.config.inner_dim}")
+    self.controlnet = controlnet
+    self._controlnet_graph, self._controlnet_state = nnx.split(controlnet)
+    if self.mesh is not None:
+      self._controlnet_state = jax.device_put(self._controlnet_state, self._replicated)
+
+  @staticmethod
+  def components_from_pretrained(path, dtype=jnp.float32, *, transformer=True):
+    from sana_jax.models.controlnet import SanaControlNetModel
+    parts = pipelines.load_components(path, dtype, transformer=transformer)
+    controlnet_dir = pipelines.component_dir(pipelines.resolve_model(path), "controlnet")
+    return dict(parts, controlnet=SanaControlNetModel.from_pretrained(controlnet_dir, dtype=dtype))
+
+  def save_pretrained(self, directory, dtype="float32", **kwargs):
+    raise SanaError("saving a SanaControlNetPipeline is not supported yet; save its models with save_pretrained")
+
+  def __call__(self, prompt=None, *args, control_image=None, controlnet_conditioning_scale=1.0, **kwargs):
+    """SanaPipeline's call with diffusers' `control_image` (PIL image(s) or an array [B, H, W, 3] in
+    [0, 1]; scaled to cover the generated size and centre-cropped, where diffusers resizes) and
+    `controlnet_conditioning_scale` (the residuals' factor; 0 gives the transformer's own images)."""
+    if control_image is None:
+      raise SanaError("a SanaControlNetPipeline needs control_image")
+    return super().__call__(prompt, *args, control_image=control_image,
+                            controlnet_conditioning_scale=controlnet_conditioning_scale, **kwargs)
+
+  def _control(self, control_image, scale, n, size):
+    if not _is_number(scale) or not math.isfinite(scale):
+      raise SanaError(f"controlnet_conditioning_scale {scale!r} must be a finite number")
+    latents = self._image_latents(self._image_pixels(control_image, n, size))
+    return self._controlnet_state, latents, jnp.float32(scale)
 
 
 def flow_start(sigmas, strength):

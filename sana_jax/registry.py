@@ -25,6 +25,7 @@ _FLOW = ("flow_dpm", "flow_euler")
 PIPELINES = {
     "SanaPipeline": Pipeline("sana_jax.pipeline:SanaPipeline", _FLOW),
     "SanaPAGPipeline": Pipeline("sana_jax.pipeline:SanaPipeline", _FLOW),  # PAG is a call argument of ours
+    "SanaControlNetPipeline": Pipeline("sana_jax.pipeline:SanaControlNetPipeline", _FLOW),
     "SanaSprintPipeline": Pipeline("sana_jax.sprint:SanaSprintPipeline", ("scm",)),
     # image= is a call argument of ours
     "SanaSprintImg2ImgPipeline": Pipeline("sana_jax.sprint:SanaSprintPipeline", ("scm",)),

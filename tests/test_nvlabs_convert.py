@@ -224,6 +224,7 @@ def test_pipeline_class_and_scheduler_follow_the_checkpoint(tmp_path, capsys, ba
     assert torch.equal(loaded.controlnet.state_dict()[name], w), name
   for name, w in ref.transformer.state_dict().items():
     assert torch.equal(loaded.transformer.state_dict()[name], w), name
+  assert type(sana_jax.load_pipeline(tmp_path / "cn")).__name__ == "SanaControlNetPipeline"
 
 
 def test_pickle_that_runs_a_command_is_refused(tmp_path, capsys):

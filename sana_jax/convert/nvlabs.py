@@ -257,32 +257,25 @@ def transformer_component(state, cfg, source="checkpoint", controlnet=False):
   return Converted(diffusers_dit.CLASS_NAME, comp.config, weights, expected, source)
 
 
-CONTROLNET_CONFIG = (  # SanaControlNetModel's config.json, besides num_layers
-    "in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "num_cross_attention_heads",
-    "cross_attention_head_dim", "cross_attention_dim", "caption_channels", "mlp_ratio", "dropout", "attention_bias",
-    "sample_size", "patch_size", "norm_elementwise_affine", "norm_eps", "interpolation_scale")
-
-
 def controlnet_component(state, cfg, source="checkpoint"):
-  """The diffusers SanaControlNetModel of an original ControlNet state dict (whose base has config cfg)."""
+  """The diffusers SanaControlNetModel of an original ControlNet state dict (whose base has config cfg);
+  the base's own blocks are checked too (transformer_component), not written."""
+  import dataclasses
+
+  from flax import nnx
+
+  from sana_jax.convert import diffusers_controlnet
+  from sana_jax.models.controlnet import SanaControlNetModel
   if cfg.qk_norm or cfg.guidance_embeds:
     raise SanaError(f"{source}: a ControlNet of a model with q/k norms or a guidance embedding has no diffusers "
                     f"layout (SanaControlNetModel has neither)")
+  transformer_component(state, cfg, source, controlnet=True)
   depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"controlnet\.(\d+)\.", k)))
-  base = transformer_component(state, cfg, source, controlnet=True)  # checks the base's blocks too
-  width = cfg.inner_dim
-  expected = {name: w.shape for name, w in base.weights.items()
-              if not name.startswith(("proj_out", "scale_shift_table", "transformer_blocks."))}
-  block = re.compile(r"transformer_blocks\.0\.(.+)")
-  for name, w in base.weights.items():
-    if (m := block.fullmatch(name)):
-      expected.update({f"transformer_blocks.{i}.{m.group(1)}": w.shape for i in range(depth)})
-  expected.update({"input_block.weight": (width, width), "input_block.bias": (width,)})
-  for i in range(depth):
-    expected.update({f"controlnet_blocks.{i}.weight": (width, width), f"controlnet_blocks.{i}.bias": (width,)})
-  config = {k: v for k, v in base.config.items() if k in CONTROLNET_CONFIG}
+  control = dataclasses.replace(cfg, num_layers=depth)
+  comp = diffusers_controlnet.component(nnx.eval_shape(lambda: SanaControlNetModel(control, rngs=nnx.Rngs(0))))
+  expected = {name: shape for name, _, shape in writing.specs(comp)}
   weights = to_diffusers(state, controlnet_rows(), source)
-  return Converted("SanaControlNetModel", {**config, "num_layers": depth}, weights, expected, source)
+  return Converted(diffusers_controlnet.CLASS_NAME, comp.config, weights, expected, source)
 
 
 def convert(src, out, *, resolution=None, config=None, dtype=None, pipeline=None):

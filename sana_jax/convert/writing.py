@@ -19,17 +19,21 @@ MAX_SHARD_BYTES = 5 * 10**9  # the shard size the official Sana repositories wer
 
 def component(model, dtype=None):
   """The export plan of a SanaTransformer, DCAE or GemmaTextEncoder."""
-  from sana_jax.convert import diffusers_dcae, diffusers_dit, transformers_gemma
+  from sana_jax.convert import diffusers_controlnet, diffusers_dcae, diffusers_dit, transformers_gemma
+  from sana_jax.models.controlnet import SanaControlNetModel
   from sana_jax.models.dcae import DCAE
   from sana_jax.models.dit import SanaTransformer
   from sana_jax.models.gemma import GemmaTextEncoder
+  if isinstance(model, SanaControlNetModel):  # before SanaTransformer, its base class
+    return diffusers_controlnet.component(model)
   if isinstance(model, SanaTransformer):
     return diffusers_dit.component(model)
   if isinstance(model, DCAE):
     return diffusers_dcae.component(model)
   if isinstance(model, GemmaTextEncoder):
     return transformers_gemma.component(model, dtype)
-  raise SanaError(f"cannot export a {type(model).__name__}; expected SanaTransformer, DCAE or GemmaTextEncoder")
+  raise SanaError(f"cannot export a {type(model).__name__}; expected SanaTransformer, SanaControlNetModel, DCAE or "
+                  f"GemmaTextEncoder")
 
 
 def _host(array, name):

@@ -297,18 +297,12 @@ class SanaTransformer(nnx.Module):
     keys, values = jax.vmap(lambda layer: nnx.merge(graphdef, layer).attn2.project_text(y))(stacked)
     return TextContext(keys, values, mask_bias)
 
-  def __call__(self, x, timestep, encoder_hidden_states=None, encoder_attention_mask=None, guidance=None, text=None,
-               perturbed=None):
-    """Velocity [B, H, W, C]. Pass `text=model.encode_text(...)` to reuse the text's keys and values
-    across sampling steps instead of encoder_hidden_states / encoder_attention_mask.
-    perturbed = (rows [B] bool, layers [num_layers] bool): perturbed-attention guidance's identity
-    self-attention for those rows in those layers."""
+  def embed(self, x):
+    """Patch-embedded tokens [B, hp*wp, D] of latents [B, H, W, C] (with the position embedding), and (hp, wp)."""
     cfg, p = self.config, self.config.patch_size
     b, H, W, c = x.shape
     if H % p or W % p:
       raise SanaError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
-    if text is None:
-      text = self.encode_text(encoder_hidden_states, encoder_attention_mask)
     hp, wp = H // p, W // p
     # patchify: [B, H, W, C] -> [B, hp*wp, p*p*C] in (row, col, channel) order, like the conv's weight
     tokens = x.reshape(b, hp, p, wp, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp * wp, p * p * c)
@@ -316,39 +310,64 @@ class SanaTransformer(nnx.Module):
     if cfg.interpolation_scale is not None:
       pos = L.sincos_pos_embed_2d(cfg.inner_dim, hp, wp, cfg.sample_size // p, cfg.interpolation_scale)
       h = (h.astype(jnp.float32) + pos[None]).astype(self.dtype)
+    return parallel.constrain(h, _TOKENS), (hp, wp)
 
-    t = jnp.asarray(timestep, jnp.float32) * cfg.timestep_scale
-    t = jnp.broadcast_to(t, (b,))
+  def embed_time(self, timestep, batch, guidance=None):
+    """(the blocks' 6-way modulation [B, 6, D], the final layer's embedding [B, D]) of the sampler's time."""
+    cfg = self.config
+    t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32) * cfg.timestep_scale, (batch,))
     if cfg.guidance_embeds:
       if guidance is None:
         raise SanaError("this model was trained with a guidance embedding: pass `guidance`")
-      guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32) * cfg.guidance_embeds_scale, (b,))
-    t6, t_emb = self.time_embed(t, guidance)
+      guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32) * cfg.guidance_embeds_scale, (batch,))
+    return self.time_embed(t, guidance)
 
-    h = self._run_blocks(parallel.constrain(h, _TOKENS), t6, text, (hp, wp), perturbed)
+  def __call__(self, x, timestep, encoder_hidden_states=None, encoder_attention_mask=None, guidance=None, text=None,
+               perturbed=None, controlnet_block_samples=None):
+    """Velocity [B, H, W, C]. Pass `text=model.encode_text(...)` to reuse the text's keys and values
+    across sampling steps instead of encoder_hidden_states / encoder_attention_mask.
+    perturbed = (rows [B] bool, layers [num_layers] bool): perturbed-attention guidance's identity
+    self-attention for those rows in those layers. controlnet_block_samples [n, B, tokens, D]: a
+    ControlNet's residuals, the k-th added after block k + 1 (diffusers' wiring)."""
+    b, H, W, _ = x.shape
+    if text is None:
+      text = self.encode_text(encoder_hidden_states, encoder_attention_mask)
+    h, (hp, wp) = self.embed(x)
+    t6, t_emb = self.embed_time(timestep, b, guidance)
+    h = self._run_blocks(h, t6, text, (hp, wp), perturbed, controlnet_block_samples)
 
     shift, scale = jnp.split(self.scale_shift_table[...].astype(self.dtype)[None] + t_emb[:, None], 2, axis=1)
     h = self.norm_out(h) * (1 + scale) + shift
     out = self.proj_out(h)  # [B, N, p*p*C] in (p_row, p_col, C) order
+    p = self.config.patch_size
     out = out.reshape(b, hp, wp, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, H, W, -1)
     return parallel.constrain(out, ("batch", None, None, None))
 
-  def _run_blocks(self, h, t6, text, hw, perturbed=None):
+  def _run_blocks(self, h, t6, text, hw, perturbed=None, residuals=None, collect=False):
+    """The blocks in one scan; `collect`: also every block's output, stacked [layers, B, tokens, D]."""
     graphdef, stacked = nnx.split(self.blocks)
     rows, layers = perturbed if perturbed is not None else (None, jnp.zeros(self.config.num_layers, bool))
+    if residuals is not None and not 0 < residuals.shape[0] < self.config.num_layers:
+      raise SanaError(f"{residuals.shape[0]} ControlNet residuals for a transformer of {self.config.num_layers} "
+                      f"blocks; expected 1 to {self.config.num_layers - 1}")
 
     def body(carry, xs):
-      layer_state, keys, values, perturb_layer = xs
+      layer_state, keys, values, perturb_layer, index = xs
       identity = None if rows is None else rows & perturb_layer
       out = nnx.merge(graphdef, layer_state)(carry, t6, (keys, values), text.mask_bias, hw, identity)
-      return parallel.constrain(out, _TOKENS), None
+      if residuals is not None:  # after block k (1 <= k <= n) comes residual k - 1
+        k = jnp.clip(index - 1, 0, residuals.shape[0] - 1)
+        used = (index >= 1) & (index <= residuals.shape[0])
+        out = out + jnp.where(used, residuals[k], 0).astype(out.dtype)
+      out = parallel.constrain(out, _TOKENS)
+      return out, out if collect else None
 
     policy = REMAT_POLICIES[self.config.remat]
     if self.config.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    h, _ = jax.lax.scan(body, h, (stacked, text.keys, text.values, jnp.asarray(layers)),
-                        unroll=self.config.scan_unroll)
-    return h
+    xs = (stacked, text.keys, text.values, jnp.asarray(layers), jnp.arange(self.config.num_layers))
+    h, outputs = jax.lax.scan(body, h, xs, unroll=self.config.scan_unroll)
+    return (h, outputs) if collect else h
 
   @classmethod
   def from_pretrained(cls, path, dtype=jnp.float32, attention_impl="xla", *, param_dtype=None, mesh=None,
