@@ -102,7 +102,8 @@ class Checkpointer:
       self.damaged_steps.append(step)
       if move_aside:
         where = self._move_aside(step)
-        warn(f"checkpoint step {step} does not restore ({cause}); moved it to {where}")
+        # where it went first: the cause can be long, and warn() cuts the line
+        warn(f"checkpoint step {step} does not restore; moved it to {where} ({cause})")
       else:
         warn(f"checkpoint step {step} in {self.directory} does not restore ({cause}); skipped")
     return None
