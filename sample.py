@@ -11,8 +11,9 @@ SanaPAGPipeline, SanaControlNetPipeline, SanaSprintPipeline or SanaSprintImg2Img
 (model_index.json "sana_jax"; 3.0 for the demo model), else 4.5; for Sana-Sprint it is the embedded
 guidance. --image starts from that image (scaled to cover the output size and centre-cropped); --strength
 in (0, 1] is how much noise replaces it (default 0.6). A SanaControlNetPipeline needs --control-image (a
-condition map such as an edge map, scaled to cover and centre-cropped like --image) and takes
---control-scale (the ControlNet's residuals' factor, default 1.0; 0 gives the base model's image).
+condition map such as an edge map, scaled to cover and centre-cropped like --image; --control-type edge
+makes the edge map of an ordinary image, see sana_jax/controls.py) and takes --control-scale (the
+ControlNet's residuals' factor, default 1.0; 0 gives the base model's image).
 --lora PATH[:SCALE] (repeatable) applies a diffusers / peft LoRA file of the transformer (a directory with
 pytorch_lora_weights.safetensors, or the file) at SCALE (default 1.0).
 
@@ -57,6 +58,8 @@ def parse_args(argv):
   p.add_argument("--image", help="image-to-image: start from this image file")
   p.add_argument("--strength", type=float, default=None, help="image-to-image noise strength in (0, 1] (default 0.6)")
   p.add_argument("--control-image", help="a SanaControlNetPipeline's condition image (e.g. an edge map)")
+  p.add_argument("--control-type", default="image", choices=("image", "edge"),
+                 help="image: --control-image is the condition map itself; edge: its edge map (sana_jax.controls)")
   p.add_argument("--control-scale", type=float, default=None, help="ControlNet conditioning scale (default 1.0)")
   p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                  help="a LoRA file or directory, at SCALE (default 1.0); repeatable")
@@ -98,12 +101,12 @@ def check_settings(args, configs, n_images):
     args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     if not 0 < args.strength <= 1:
       raise SanaError(f"--strength {args.strength}: expected a number in (0, 1]")
+  if (args.control_scale is not None or args.control_type != "image") and not args.control_image:
+    raise SanaError("--control-scale and --control-type are for a ControlNet: give --control-image too")
   controlnet = configs["index"]["_class_name"] == "SanaControlNetPipeline"
   if controlnet != bool(args.control_image):
     raise SanaError("this model is a ControlNet pipeline: give --control-image" if controlnet else
                     "--control-image is for a SanaControlNetPipeline model, and this is not one")
-  if args.control_scale is not None and not args.control_image:
-    raise SanaError("--control-scale is for a ControlNet: give --control-image too")
   args.control_scale = 1.0 if args.control_scale is None else args.control_scale
   if not math.isfinite(args.control_scale):
     raise SanaError(f"--control-scale {args.control_scale}: expected a finite number")
@@ -202,6 +205,13 @@ def main(argv=None):
   if args.control_image:
     from sana_jax.data import images as image_files
     control_image = image_files.load(args.control_image, "--control-image")
+    if args.control_type == "edge":
+      import numpy as np
+      from PIL import Image
+
+      from sana_jax.controls import edge_map
+      edges = edge_map(np.asarray(control_image, np.float32) / 255)
+      control_image = Image.fromarray((edges * 255).astype(np.uint8))
 
   import jax
   import jax.numpy as jnp
@@ -250,7 +260,7 @@ def main(argv=None):
       if init_image is not None:
         meta.update(image=args.image, strength=args.strength)
       if control_image is not None:
-        meta.update(control_image=args.control_image, control_scale=args.control_scale)
+        meta.update(control_image=args.control_image, control_type=args.control_type, control_scale=args.control_scale)
       if loras:
         meta["lora"] = json.dumps([{"path": path, "scale": scale} for path, scale in loras])
       save_png(image, os.path.join(args.output_dir, f"{index:04d}.png"), meta)

@@ -137,7 +137,12 @@ def test_sample_py_control_image(controlnet_pipelines, tmp_path, capsys):
   assert status == 2 and "give --control-image" in err and not (tmp_path / "none").exists()
   status, err = run("--control-image", control, "--control-scale", "0.5", "--output-dir", tmp_path / "out")
   assert status == 0, err
-  meta = Image.open(tmp_path / "out" / "0000.png").text
-  assert meta["control_image"] == str(control) and float(meta["control_scale"]) == 0.5
+  status, err = run("--control-image", control, "--control-type", "edge", "--output-dir", tmp_path / "out")
+  assert status == 0, err
+  first, second = (Image.open(tmp_path / "out" / f"000{i}.png").text for i in (0, 1))
+  assert first["control_image"] == str(control) and float(first["control_scale"]) == 0.5
+  assert (first["control_type"], second["control_type"], float(second["control_scale"])) == ("image", "edge", 1.0)
+  status, err = run("--control-type", "edge", "--output-dir", tmp_path / "none")
+  assert status == 2 and "give --control-image too" in err
   status, err = run("--control-image", control, "--model", path.parent / "base", "--output-dir", tmp_path / "x")
   assert status == 2 and "--control-image is for a SanaControlNetPipeline" in err
