@@ -146,11 +146,24 @@ def test_controlnet_checkpoint_becomes_a_diffusers_controlnet(tmp_path, capsys):
   loaded = diffusers.SanaControlNetModel.from_pretrained(tmp_path / "cn").eval()
   for name, w in control.state_dict().items():
     assert torch.equal(loaded.state_dict()[name], w), name
-  # the base model of the same file, for the transformer
+  # both models of the same file, straight into ours
   ours = sana_jax.SanaTransformer.from_single_file(pth, config=HEADS)
   x, t, y, mask = odd_inputs(dict(base.config), h=4, w=6)
   assert rel_err(ours(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), jnp.asarray(mask)),
                  reference_forward(base, x, t, y, mask)) < 1e-4
+  cond = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+  ours_control = sana_jax.SanaControlNetModel.from_single_file(pth, config=HEADS)
+  kw = dict(encoder_hidden_states=torch.from_numpy(y), encoder_attention_mask=torch.from_numpy(mask),
+            timestep=torch.from_numpy(t))
+  with torch.no_grad():
+    want = control(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+                   controlnet_cond=torch.from_numpy(cond.transpose(0, 3, 1, 2).copy()), **kw)[0]
+  got = ours_control(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), jnp.asarray(mask),
+                     controlnet_cond=jnp.asarray(cond))
+  assert rel_err(got, np.stack([s.numpy() for s in want])) < 1e-4
+  plain = save_pth(tmp_path / "plain.pth", original_state(base, nvlabs.transformer_rows()))
+  with pytest.raises(sana_jax.SanaError, match="not a ControlNet checkpoint"):
+    sana_jax.SanaControlNetModel.from_single_file(plain, config=HEADS)
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,18 @@ def read_config(path, **overrides):
 
 def load(path, *, dtype, param_dtype, attention_impl="xla", mesh=None, rules=None, **overrides):
   path, cfg = read_config(path, **overrides)
+  return load_state(safetensors_io.read_dir(path, "diffusion_pytorch_model"), cfg, dtype=dtype,
+                    param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh, rules=rules, source=path)
+
+
+def load_state(state_dict, cfg, *, dtype, param_dtype, attention_impl="xla", mesh=None, rules=None,
+               source="controlnet"):
+  """A SanaControlNetModel with config `cfg` from {diffusers name: array}."""
   dtype, param_dtype = dtypes.resolve(dtype), dtypes.resolve(param_dtype)
   build = lambda: SanaControlNetModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                       attention_impl=attention_impl)
-  return loading.load_state(safetensors_io.read_dir(path, "diffusion_pytorch_model"), build, TABLE,
-                            num_layers=cfg.num_layers, mesh=mesh, rules=rules, source=path)
+  return loading.load_state(state_dict, build, TABLE, num_layers=cfg.num_layers, mesh=mesh, rules=rules,
+                            source=source)
 
 
 def component(model):

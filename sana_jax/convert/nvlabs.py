@@ -209,14 +209,23 @@ def _transformer_config(state, resolution, config, source):
 
 
 def load(path, *, resolution=None, config=None, dtype="float32", param_dtype=None, attention_impl="xla",
-         mesh=None, rules=None):
-  """SanaTransformer.from_single_file: our model from an original checkpoint file."""
+         mesh=None, rules=None, controlnet=False):
+  """SanaTransformer.from_single_file (or with `controlnet`, SanaControlNetModel's): our model from an
+  original checkpoint file (a ControlNet file holds both)."""
   state = read_checkpoint(path)
   cfg = _transformer_config(state, resolution, config, path)
-  controlnet = any(k.startswith("controlnet.") for k in state)
-  weights = to_diffusers(state, transformer_rows(cfg.guidance_embeds, controlnet), path)
-  return diffusers_dit.load_state(weights, cfg, dtype=dtype, param_dtype=param_dtype or dtype,
-                                  attention_impl=attention_impl, mesh=mesh, rules=rules, source=path)
+  kw = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention_impl=attention_impl, mesh=mesh, rules=rules,
+            source=path)
+  if controlnet:
+    from sana_jax.convert import diffusers_controlnet
+    if not any(k.startswith("controlnet.") for k in state):
+      raise SanaError(f"{path}: no controlnet.* weights; not a ControlNet checkpoint")
+    comp = controlnet_component(state, cfg, path)
+    control = SanaTransformerConfig.from_dict(comp.config, path)
+    return diffusers_controlnet.load_state(comp.weights, control, **kw)
+  weights = to_diffusers(state, transformer_rows(cfg.guidance_embeds, any(k.startswith("controlnet.") for k in state)),
+                         path)
+  return diffusers_dit.load_state(weights, cfg, **kw)
 
 
 class Converted:

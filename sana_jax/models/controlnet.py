@@ -57,6 +57,15 @@ class SanaControlNetModel(SanaTransformer):
     return diffusers_controlnet.load(path, dtype=dtype, param_dtype=param_dtype or dtype,
                                      attention_impl=attention_impl, mesh=mesh, rules=rules, **config_overrides)
 
+  @classmethod
+  def from_single_file(cls, path, dtype=jnp.float32, attention_impl="xla", *, resolution=None, config=None,
+                       param_dtype=None, mesh=None, rules=None):
+    """Loads the ControlNet of an original NVlabs/Sana ControlNet checkpoint (.pth, read without
+    unpickling code); see SanaTransformer.from_single_file for `resolution` and `config` (the base's)."""
+    from sana_jax.convert import nvlabs
+    return nvlabs.load(path, resolution=resolution, config=config, dtype=dtype, param_dtype=param_dtype or dtype,
+                       attention_impl=attention_impl, mesh=mesh, rules=rules, controlnet=True)
+
   def save_pretrained(self, directory, dtype="float32", **kwargs):
     """Writes a diffusers `SanaControlNetModel` directory."""
     from sana_jax.convert import writing
