@@ -5,9 +5,6 @@ input and per-block output projections.
 """
 import dataclasses
 
-from flax import nnx
-
-from sana_jax import dtypes
 from sana_jax.convert import diffusers_dit, invert, loading, safetensors_io
 from sana_jax.convert.table import IDENTITY, LINEAR
 from sana_jax.models.controlnet import SanaControlNetModel
@@ -38,18 +35,9 @@ def read_config(path, **overrides):
 
 def load(path, *, dtype, param_dtype, attention_impl="xla", mesh=None, rules=None, **overrides):
   path, cfg = read_config(path, **overrides)
-  return load_state(safetensors_io.read_dir(path, "diffusion_pytorch_model"), cfg, dtype=dtype,
-                    param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh, rules=rules, source=path)
-
-
-def load_state(state_dict, cfg, *, dtype, param_dtype, attention_impl="xla", mesh=None, rules=None,
-               source="controlnet"):
-  """A SanaControlNetModel with config `cfg` from {diffusers name: array}."""
-  dtype, param_dtype = dtypes.resolve(dtype), dtypes.resolve(param_dtype)
-  build = lambda: SanaControlNetModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                      attention_impl=attention_impl)
-  return loading.load_state(state_dict, build, TABLE, num_layers=cfg.num_layers, mesh=mesh, rules=rules,
-                            source=source)
+  weights = safetensors_io.read_dir(path, "diffusion_pytorch_model")
+  return loading.load_dit_family(weights, SanaControlNetModel, cfg, TABLE, dtype=dtype, param_dtype=param_dtype,
+                                 attention_impl=attention_impl, mesh=mesh, rules=rules, source=path)
 
 
 def component(model):

@@ -1,9 +1,6 @@
 """diffusers `SanaTransformer2DModel` checkpoints <-> sana_jax.SanaTransformer."""
 import dataclasses
 
-from flax import nnx
-
-from sana_jax import dtypes
 from sana_jax.convert import invert, loading, safetensors_io
 from sana_jax.convert.table import CONV1X1, GLU_DEPTHWISE, GLU_EXPAND, IDENTITY, LINEAR, SPLIT_TWO, Transform
 from sana_jax.errors import SanaError, short
@@ -103,18 +100,9 @@ def upgrade_config(raw, source="transformer config"):
 
 def load(path, *, dtype, param_dtype, attention_impl="xla", mesh=None, rules=None, **overrides):
   path, cfg = read_config(path, **overrides)
-  return load_state(safetensors_io.read_dir(path, "diffusion_pytorch_model"), cfg, dtype=dtype,
-                    param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh, rules=rules, source=path)
-
-
-def load_state(state_dict, cfg, *, dtype, param_dtype, attention_impl="xla", mesh=None, rules=None,
-               source="transformer"):
-  """A SanaTransformer with config `cfg` from {diffusers name: array}."""
-  dtype, param_dtype = dtypes.resolve(dtype), dtypes.resolve(param_dtype)
-  build = lambda: SanaTransformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                  attention_impl=attention_impl)
-  return loading.load_state(state_dict, build, TABLE, num_layers=cfg.num_layers, mesh=mesh, rules=rules,
-                            source=source)
+  return loading.load_dit_family(safetensors_io.read_dir(path, "diffusion_pytorch_model"), SanaTransformer, cfg, TABLE,
+                                 dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh,
+                                 rules=rules, source=path)
 
 
 def export_plan(cfg, state):

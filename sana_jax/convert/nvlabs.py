@@ -20,7 +20,7 @@ import shutil
 import numpy as np
 
 from sana_jax import dtypes, files
-from sana_jax.convert import diffusers_dit, invert, safetensors_io, torch_files, writing
+from sana_jax.convert import diffusers_dit, invert, loading, safetensors_io, torch_files, writing
 from sana_jax.errors import SanaError, short
 from sana_jax.models.dit import SanaTransformerConfig
 
@@ -222,10 +222,12 @@ def load(path, *, resolution=None, config=None, dtype="float32", param_dtype=Non
       raise SanaError(f"{path}: no controlnet.* weights; not a ControlNet checkpoint")
     comp = controlnet_component(state, cfg, path)
     control = SanaTransformerConfig.from_dict(comp.config, path)
-    return diffusers_controlnet.load_state(comp.weights, control, **kw)
+    from sana_jax.models.controlnet import SanaControlNetModel
+    return loading.load_dit_family(comp.weights, SanaControlNetModel, control, diffusers_controlnet.TABLE, **kw)
   weights = to_diffusers(state, transformer_rows(cfg.guidance_embeds, any(k.startswith("controlnet.") for k in state)),
                          path)
-  return diffusers_dit.load_state(weights, cfg, **kw)
+  from sana_jax.models.dit import SanaTransformer
+  return loading.load_dit_family(weights, SanaTransformer, cfg, diffusers_dit.TABLE, **kw)
 
 
 class Converted:
