@@ -197,13 +197,13 @@ def main(argv=None):
   from sana_jax.convert.diffusers_lora import parse_specs
   loras = parse_specs(args.lora)
   files.output_directory(args.output_dir, "--output-dir", create=False)
+  if args.image or args.control_image:  # sana_jax.data imports the data loader: only when an image is given
+    from sana_jax.data import images as image_files
   init_image = None
   if args.image:
-    from sana_jax.data import images as image_files
     init_image = image_files.load(args.image, "--image")
   control_image = None
   if args.control_image:
-    from sana_jax.data import images as image_files
     control_image = image_files.load(args.control_image, "--control-image")
     if args.control_type == "edge":
       import numpy as np

@@ -455,7 +455,6 @@ class SanaPipeline(BasePipeline):
     x = self._on_devices(run, x, embeds, mask, neg, neg_mask)
     return self._output(x, asked, output_type, return_dict)
 
-
   def _control(self, control_image, scale, n, size):
     if control_image is not None:
       raise SanaError("control_image needs a ControlNet: load a SanaControlNetPipeline directory")

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from sana_jax import files, parallel
+from sana_jax import dtypes, files, parallel
 from sana_jax.convert import safetensors_io
 from sana_jax.convert.table import convert
 from sana_jax.errors import SanaError, short
@@ -56,11 +56,9 @@ def load_state(state_dict, build, table, *, num_layers=0, mesh=None, rules=None,
   return nnx.merge(graphdef, abstract)
 
 
-
 def load_dit_family(state_dict, model_cls, cfg, table, *, dtype, param_dtype, attention_impl="xla", mesh=None,
                     rules=None, source="checkpoint"):
   """A SanaTransformer / SanaControlNetModel (`model_cls`) with config `cfg` from {official name: array}."""
-  from sana_jax import dtypes
   dtype, param_dtype = dtypes.resolve(dtype), dtypes.resolve(param_dtype)
   build = lambda: model_cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
   return load_state(state_dict, build, table, num_layers=cfg.num_layers, mesh=mesh, rules=rules, source=source)
