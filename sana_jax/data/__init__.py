@@ -21,6 +21,9 @@ DreamBooth (a few images of one subject, e.g. for LoRA): data.instance_prompt ca
 folder: source, data.repeats shows each example that many times per epoch, and data.class_source with
 data.class_prompt mixes in prior-preservation class images (`sources.DreamBoothSource`); precompute's
 --instance-prompt, --class-images and --class-prompt put the same into records.
+
+ControlNet: data.control adds "control" f32 [b, h, w, c], the condition images' latents, to each batch
+(records precomputed with --control edge or --control-images DIR; synthetic data: sign(latents)).
 """
 import logging
 import numbers

@@ -29,6 +29,9 @@ DEFAULTS = dict(
     max_refill=16,            # a bad example is replaced by up to this many candidates, then error
     with_index=False,         # add "index" int32 [b]: the example ids in the batch (with repeats or class_source:
                               # the ids of `sources.DreamBoothSource`)
+    control=False,            # True: batches carry "control" f32 [b, h, w, c], condition latents for ControlNet
+                              # training (array_record: precompute --control edge or --control-images DIR;
+                              # synthetic: a function of the latents)
     # DreamBooth (as diffusers' train_dreambooth_lora_sana.py): a handful of images of one subject
     repeats=1,                # each (instance) example this many times per epoch, copies drawing captions apart
     instance_prompt=None,     # folder:DIR sources: THE caption of every image (sidecars ignored, none needed);
@@ -55,6 +58,7 @@ def resolve(cfg):
     if getattr(c, name) < 0:
       raise SanaError(f"data.{name} must be non-negative, got {getattr(c, name)}")
   _check_dreambooth(c)
+  _check_control(c)
   return c
 
 
@@ -63,6 +67,14 @@ def check_prompt(name, value):
   if not isinstance(value, str) or not value.strip():
     raise SanaError(f"{name} must be a non-empty string, got {short(value)}")
   return value
+
+
+def _check_control(c):
+  if not isinstance(c.control, bool):
+    raise SanaError(f"data.control must be True or False, got {short(c.control)}")
+  if c.control and str(c.source).partition(":")[0] in ("tfds", "folder"):
+    raise SanaError(f"data.control needs precomputed latents, not {short(c.source)}: precompute with --control edge "
+                    "or --control-images DIR and train from array_record:OUT")
 
 
 def _check_dreambooth(c):

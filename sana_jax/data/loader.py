@@ -21,13 +21,17 @@ _LOGGED_SKIPS = 20  # per process; later skips are only counted
 
 
 def collate_latents(examples, caption_length):
-  """{"latents" f32 [b, h, w, c], "y" f32 [b, L, Dy], "mask" i32 [b, L]}, zero-padded to L tokens."""
+  """{"latents" f32 [b, h, w, c], "y" f32 [b, L, Dy], "mask" i32 [b, L]}, zero-padded to L tokens, and
+  "control" f32 [b, h, w, c] when the examples have it."""
   b, dy = len(examples), examples[0]["y"].shape[-1]
   y, mask = np.zeros((b, caption_length, dy), np.float32), np.zeros((b, caption_length), np.int32)
   for i, e in enumerate(examples):
     n = len(e["mask"])
     y[i, :n], mask[i, :n] = e["y"], e["mask"]
-  return {"latents": np.stack([e["latents"] for e in examples]).astype(np.float32), "y": y, "mask": mask}
+  out = {"latents": np.stack([e["latents"] for e in examples]).astype(np.float32), "y": y, "mask": mask}
+  if "control" in examples[0]:
+    out["control"] = np.stack([e["control"] for e in examples]).astype(np.float32)
+  return out
 
 
 def collate_images(examples, caption_length=None):

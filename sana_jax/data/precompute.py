@@ -4,6 +4,7 @@ as ArrayRecord shards + metadata that `source="array_record:OUT"` trains from (f
   python -m sana_jax.data.precompute --images DIR_OR_tfds:NAME --model DIFFUSERS_DIR --out DIR \
       [--resolution 512] [--batch-size 16] [--all-captions]
       [--instance-prompt TEXT] [--class-images DIR --class-prompt TEXT]   # DreamBooth
+      [--control edge | --control-images DIR]                             # ControlNet
 
 Images go through the training transform (nearest aspect bucket of `--resolution`, resize-cover,
 centre crop), in order, bucket by bucket. Unreadable images are skipped and counted; the output
@@ -13,7 +14,13 @@ DreamBooth: --instance-prompt is the caption of every --images folder image (sid
 --class-images are written into the same records with --class-prompt, and the metadata lists them
 (`class_examples`), so training with data.repeats repeats only the instance images (see
 `sources.DreamBoothSource` for the prior-preservation semantics).
+
+ControlNet: each record also holds the latents of its condition image (`control`, encoded as the
+image is), made with --control edge from the transformed image (`controls.edge_map`) or read with
+--control-images from a folder of condition images named as the --images folder's images and
+transformed as they are; an example whose condition image cannot be read is skipped.
 """
+import functools
 import json
 import logging
 import os
@@ -22,13 +29,14 @@ import time
 
 import numpy as np
 
-from sana_jax import files
+from sana_jax import controls, files
+from sana_jax.data import images as images_lib
 from sana_jax.data import loader, records
 from sana_jax.data.buckets import bucket_table
 from sana_jax.data.config import check_prompt
 from sana_jax.data.plan import Plans
 from sana_jax.data.sources import FolderSource, TfdsImageSource, dreambooth
-from sana_jax.errors import ArgumentParser, SanaError, cli_main
+from sana_jax.errors import ArgumentParser, SanaError, cli_main, short
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +70,48 @@ def check_dreambooth(images, instance_prompt=None, class_images=None, class_prom
       raise SanaError(f"--class-images {class_images!r} is not a directory")
 
 
-def _keep_all(examples, caption_length=None):
+def check_control(images, control, class_images=None):
+  """One-line errors for a `control` (None, "edge" or "images:DIR") that does not fit, before any model loads."""
+  if control is None or control == "edge":
+    return
+  folder = control[len("images:"):] if isinstance(control, str) and control.startswith("images:") else ""
+  if not folder:
+    raise SanaError(f"control {short(control)}: expected 'edge' or 'images:DIR'")
+  if str(images).startswith("tfds:"):
+    raise SanaError("--control-images needs an image folder for --images, not tfds:NAME")
+  if class_images is not None:
+    raise SanaError("--control-images does not go with --class-images (the class images have no condition images)")
+  if not os.path.isdir(os.path.expanduser(folder)):
+    raise SanaError(f"--control-images {folder!r} is not a directory")
+
+
+def _keep_all(examples, caption_length=None, control=None):
+  """The images stacked and the examples kept; with `control`, "control": the condition images."""
   del caption_length
-  return {"images": np.stack([e.pop("image") for e in examples]), "examples": examples}
+  out = {"images": np.stack([e.pop("image") for e in examples]), "examples": examples}
+  if control is not None:
+    out["control"] = np.stack([_condition(control, image, e) for image, e in zip(out["images"], examples)])
+  return out
+
+
+def _condition(control, image, example):
+  """The condition image of `image` [H, W, 3] in [-1, 1], in the same range and size; where it cannot
+  be read, zeros and the reason in example["bad"] (the example is then skipped)."""
+  if control == "edge":
+    return controls.edge_map((image + 1) / 2) * 2 - 1
+  path = os.path.join(os.path.expanduser(control[len("images:"):]), example["key"])
+  try:
+    pixels = images_lib.resize_cover_crop(images_lib.load(path, "condition image"), *image.shape[:2])
+  except Exception as e:  # noqa: BLE001 - any unreadable condition image: the example is skipped
+    example["bad"] = str(e) or type(e).__name__
+    return np.zeros_like(image)
+  return images_lib.to_unit_range(pixels)
 
 
 def precompute(images, out, *, encode_images, encode_captions, scaling_factor, buckets, null_text=None,
                spatial_compression=32, batch_size=16, data_dir=None, split="train", all_captions=False, tau=0.1, seed=0,
                latent_dtype="float16", shard_size=1024, overwrite=False, read_threads=2, extra_metadata=None,
-               instance_prompt=None, class_images=None, class_prompt=None):
+               instance_prompt=None, class_images=None, class_prompt=None, control=None):
   """Writes the dataset to `out`; returns its metadata.
 
   encode_images(images f32 [B, H, W, 3] in [-1, 1]) -> unscaled latents [B, H/f, W/f, C];
@@ -81,8 +122,11 @@ def precompute(images, out, *, encode_images, encode_captions, scaling_factor, b
   drawn with weight score^(1/tau) as for epoch 0.
   instance_prompt: the caption of every image of the `images` folder; class_images (a folder) with
   class_prompt: prior-preservation images written into the same records (DreamBooth).
+  control: None; "edge" (each image's `controls.edge_map`) or "images:DIR" (the same-named image of
+  folder DIR) as the condition whose latents each record holds (ControlNet training).
   """
   check_dreambooth(images, instance_prompt, class_images, class_prompt)
+  check_control(images, control, class_images)
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.isdir(out) and os.listdir(out):
     if not overwrite:
@@ -96,9 +140,10 @@ def precompute(images, out, *, encode_images, encode_captions, scaling_factor, b
   if class_images is not None:
     source = dreambooth(source, classes=FolderSource(os.path.expanduser(class_images), table=table, seed=seed, tau=tau,
                                                      prompt=class_prompt))
-  given = dict(instance_prompt=instance_prompt, class_images=class_images, class_prompt=class_prompt)
+  given = dict(instance_prompt=instance_prompt, class_images=class_images, class_prompt=class_prompt, control=control)
   plans = Plans(source.bucket_ids, len(table), batch_size, seed, shuffle=False, drop_remainder=False)
-  batches = loader.GlobalBatches(source, plans, epochs=1, refill=False, collate=_keep_all, with_index=True)
+  collate = functools.partial(_keep_all, control=control)
+  batches = loader.GlobalBatches(source, plans, epochs=1, refill=False, collate=collate, with_index=True)
   with files.atomic_directory(out) as tmp:  # --out appears whole, replacing a previous output, or not at all
     meta = _write(batches, source, tmp, encode_images, encode_captions, scaling_factor, all_captions,
                   np.dtype(latent_dtype), shard_size, read_threads)
@@ -126,6 +171,7 @@ def _write(batches, source, directory, encode_images, encode_captions, scale, al
       if batch is None:  # every image of the batch was bad
         continue
       latents = np.asarray(encode_images(batch["images"]), np.float32) * scale
+      control = np.asarray(encode_images(batch["control"]), np.float32) * scale if "control" in batch else None
       examples = batch["examples"]
       texts = [list(e["captions"]) if all_captions else [e["caption"]] for e in examples]
       y, mask = encode_captions([t for ts in texts for t in ts])
@@ -133,9 +179,15 @@ def _write(batches, source, directory, encode_images, encode_captions, scale, al
       at = np.cumsum([0] + [len(ts) for ts in texts])
       for i, (e, index) in enumerate(zip(examples, batch["index"])):
         seen.add(int(index))
+        if "bad" in e:
+          log.warning("skipping %s: %s", e["key"], e["bad"])
+          bad_keys.append(e["key"])
+          continue
         yi, mi = y[at[i]:at[i + 1]], mask[at[i]:at[i + 1]]
         lat = latents[i].astype(latent_dtype)
-        if not (np.isfinite(lat).all() and np.isfinite(yi.astype(np.float16)).all()):
+        ctl = None if control is None else control[i].astype(latent_dtype)
+        if not (np.isfinite(lat).all() and np.isfinite(yi.astype(np.float16)).all()
+                and (ctl is None or np.isfinite(ctl).all())):
           bad_keys.append(e["key"])  # overflow in the stored precision: unusable for training
           continue
         scores = e["scores"] if all_captions else e["scores"][e["choice"]:e["choice"] + 1]
@@ -144,7 +196,7 @@ def _write(batches, source, directory, encode_images, encode_captions, scale, al
           class_rows.append((size, written.get(size, 0)))
         written[size] = written.get(size, 0) + 1
         writer.write(size, lat.shape, records.make_record(lat, yi, mi, captions=texts[i], scores=scores, key=e["key"],
-                                                           size=size, latent_dtype=latent_dtype))
+                                                           size=size, latent_dtype=latent_dtype, control=ctl))
         shapes = dict(latent_channels=lat.shape[-1], caption_length=y.shape[1], caption_channels=y.shape[2])
       done += len(examples)
       log.info("%d images encoded (%.1f/s)", done, done / (time.time() - start))
@@ -228,13 +280,21 @@ def parse_args(argv):
   p.add_argument("--instance-prompt", default=None, help="DreamBooth: the caption of every --images image")
   p.add_argument("--class-images", default=None, help="DreamBooth prior preservation: a folder of class images")
   p.add_argument("--class-prompt", default=None, help="the caption of every --class-images image")
-  return p.parse_args(argv)
+  condition = p.add_mutually_exclusive_group()
+  condition.add_argument("--control", choices=("edge",), default=None,
+                         help="ControlNet: also encode each image's edge map (sana_jax.controls.edge_map)")
+  condition.add_argument("--control-images", default=None, metavar="DIR",
+                         help="ControlNet: also encode the condition image of the same name in DIR")
+  args = p.parse_args(argv)
+  args.control = f"images:{args.control_images}" if args.control_images is not None else args.control
+  return args
 
 
 def run(args):
   buckets = [(args.resolution, args.resolution)] if args.square else args.resolution
-  bucket_table(buckets, 1, 32)  # fail on a bad resolution or DreamBooth flag before loading any model
+  bucket_table(buckets, 1, 32)  # fail on a bad resolution, DreamBooth or control flag before loading any model
   check_dreambooth(args.images, args.instance_prompt, args.class_images, args.class_prompt)
+  check_control(args.images, args.control, args.class_images)
   encode_images, encode_captions, null, scale, f = load_encoders(
       args.model, dtype=args.dtype, batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
   return precompute(args.images, args.out, encode_images=encode_images, encode_captions=encode_captions,
@@ -244,7 +304,7 @@ def run(args):
                     seed=args.seed, latent_dtype=args.latent_dtype, shard_size=args.shard_size,
                     overwrite=args.overwrite, read_threads=args.threads, extra_metadata={"model": args.model},
                     instance_prompt=args.instance_prompt, class_images=args.class_images,
-                    class_prompt=args.class_prompt)
+                    class_prompt=args.class_prompt, control=args.control)
 
 
 @cli_main

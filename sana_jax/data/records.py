@@ -6,6 +6,9 @@ Each record is a msgpack map (arrays as {"__nd__": 1, "dtype": numpy dtype str, 
 "data": raw bytes}, C order):
 
   latents   [h, w, c] float16 or float32   DC-AE latents, NHWC, already times the scaling factor
+  control   [h, w, c] as latents           optional: the condition image's latents (same encoder and
+                                           scale) for ControlNet training; metadata "control" says
+                                           what the condition is ("edge", "images:DIR")
   y         [K, n, Dy] float16             text-encoder output for K captions; rows past the last
                                            real token of every caption are dropped (n <= L)
   mask      [K, n] uint8                   1 = real token
@@ -25,8 +28,9 @@ y alone and keeps the caption's mask, so the padding's hidden states are used).
 
 Metadata (JSON): {"format": "sana-latents", "version": 1, "count", "skipped", "skipped_examples",
 "latent_channels", "caption_length", "caption_channels", "latent_dtype", "scaling_factor",
-"spatial_compression", "captions", "buckets": [{"size": [H, W], "latent_shape": [h, w, c],
-"count", "files": [{"path", "count"}]}], ...}. The global index runs over the buckets' files in order.
+"spatial_compression", "captions", "control" (with control latents only), "buckets": [{"size": [H, W],
+"latent_shape": [h, w, c], "count", "files": [{"path", "count"}]}], ...}. The global index runs over the
+buckets' files in order.
 """
 import glob
 import json
@@ -67,22 +71,30 @@ def unpack(data):
   return msgpack.unpackb(data, object_hook=_decode, raw=False)
 
 
-def make_record(latents, y, mask, *, captions, scores, key, size, latent_dtype=np.float16):
-  """One record from scaled latents [h, w, c], y [K, L, Dy] (or [L, Dy]) and mask [K, L] (or [L])."""
+def make_record(latents, y, mask, *, captions, scores, key, size, latent_dtype=np.float16, control=None):
+  """One record from scaled latents [h, w, c], y [K, L, Dy] (or [L, Dy]) and mask [K, L] (or [L]);
+  `control`: the condition's scaled latents, shaped as `latents`, or None."""
   y, mask = np.asarray(y), np.asarray(mask)
   if y.ndim == 2:
     y, mask = y[None], mask[None]
   real = np.nonzero(mask.any(axis=0))[0]
   n = int(real[-1]) + 1 if len(real) else 1
-  return pack({
-      "latents": np.asarray(latents).astype(latent_dtype), "y": y[:, :n].astype(np.float16),
-      "mask": (mask[:, :n] != 0).astype(np.uint8), "scores": np.asarray(scores, np.float32).reshape(-1),
-      "captions": list(captions), "key": str(key), "size": [int(size[0]), int(size[1])]})
+  latents = np.asarray(latents).astype(latent_dtype)
+  record = {"latents": latents, "y": y[:, :n].astype(np.float16), "mask": (mask[:, :n] != 0).astype(np.uint8),
+            "scores": np.asarray(scores, np.float32).reshape(-1), "captions": list(captions), "key": str(key),
+            "size": [int(size[0]), int(size[1])]}
+  if control is not None:
+    control = np.asarray(control).astype(latent_dtype)
+    if control.shape != latents.shape:
+      raise ValueError(f"control latents of shape {control.shape}, the latents' is {latents.shape}")
+    record["control"] = control
+  return pack(record)
 
 
-def decode_example(raw, *, latent_shape, caption_length, caption_channels, tau, seed, epoch, index):
-  """Record bytes -> {"latents" [h, w, c], "y" [n, Dy], "mask" [n]} with this epoch's caption.
-  Raises ValueError for a record that does not match the dataset's shapes."""
+def decode_example(raw, *, latent_shape, caption_length, caption_channels, tau, seed, epoch, index, control=False):
+  """Record bytes -> {"latents" [h, w, c], "y" [n, Dy], "mask" [n]} with this epoch's caption, and with
+  `control` its "control" [h, w, c]. Raises ValueError for a record that does not match the dataset's
+  shapes, or that has no control latents when asked for them."""
   r = unpack(raw)
   latents, y, mask = r["latents"], r["y"], r["mask"]
   if tuple(latents.shape) != tuple(latent_shape):
@@ -90,7 +102,14 @@ def decode_example(raw, *, latent_shape, caption_length, caption_channels, tau, 
   if y.ndim != 3 or y.shape[2] != caption_channels or y.shape[1] > caption_length or mask.shape != y.shape[:2]:
     raise ValueError(f"y {y.shape} / mask {mask.shape} do not fit [K, <= {caption_length}, {caption_channels}]")
   k = images.choose_caption(r.get("scores", np.ones(len(y))), tau, seed, epoch, index) if len(y) > 1 else 0
-  return {"latents": latents, "y": y[k], "mask": mask[k]}
+  out = {"latents": latents, "y": y[k], "mask": mask[k]}
+  if control:
+    if "control" not in r:
+      raise ValueError("a record without control latents")
+    if tuple(r["control"].shape) != tuple(latent_shape):
+      raise ValueError(f"control latents of shape {r['control'].shape}, expected {tuple(latent_shape)}")
+    out["control"] = r["control"]
+  return out
 
 
 class ShardWriter:
@@ -159,19 +178,25 @@ def read_metadata(directory):
   return meta
 
 
+def _no_control(spec):
+  return SanaError(f"{spec}: the records have no control latents (precompute with --control edge or "
+                   "--control-images DIR)")
+
+
 class LatentRecordSource:
   """Precomputed latents and text embeddings from ArrayRecord files (see the module docstring).
 
   spec: a directory written by `precompute` (uses its metadata, opens no record up front), or a
   directory / glob of ArrayRecord files without metadata (every record is read once to learn its
-  latent shape: fine for small sets only).
+  latent shape: fine for small sets only). control: also load each record's control latents (the
+  dataset must have them; a record without them is a bad example).
   """
   kind = "latents"
   scan_skipped = 0  # records in no bucket (unreadable when scanned): never loaded
 
-  def __init__(self, spec, *, seed, tau, caption_length, caption_channels, latent_channels):
+  def __init__(self, spec, *, seed, tau, caption_length, caption_channels, latent_channels, control=False):
     import grain
-    self.seed, self.tau = seed, tau
+    self.seed, self.tau, self.control = seed, tau, control
     self.caption_length, self.caption_channels = caption_length, caption_channels
     meta = read_metadata(spec) if os.path.isdir(spec) else None
     if meta is not None:
@@ -184,6 +209,8 @@ class LatentRecordSource:
       if meta["caption_length"] > caption_length:
         raise SanaError(f"{spec}: the records hold up to {meta['caption_length']} caption tokens, "
                         f"more than caption_length={caption_length}")
+      if control and not meta.get("control"):
+        raise _no_control(spec)
     else:
       paths = sorted(glob.glob(os.path.join(spec, "*.array_record*")) if os.path.isdir(spec) else glob.glob(spec))
       if not paths:
@@ -191,26 +218,31 @@ class LatentRecordSource:
     self.paths = paths
     self._reader = grain.sources.ArrayRecordDataSource(paths)
     if meta is None:
-      self._scan(latent_channels)
+      if not self._scan(latent_channels) and control:
+        raise _no_control(spec)
     if len(self.bucket_ids) != len(self._reader):
       raise SanaError(f"{spec}: metadata lists {len(self.bucket_ids)} records, the files hold {len(self._reader)}")
 
   def _scan(self, latent_channels):
+    """Buckets from every record's latent shape; returns whether any record has control latents."""
     log.warning("%d ArrayRecord files without %s: reading every record once for its shape", len(self.paths), METADATA)
-    shapes, ids = {}, []
+    shapes, ids, has_control = {}, [], False
     for i in range(len(self._reader)):
       try:
-        shape = tuple(unpack(self._reader[i])["latents"].shape)
+        r = unpack(self._reader[i])
+        shape = tuple(r["latents"].shape)
       except Exception:  # noqa: BLE001 - unreadable: in no bucket, counted as skipped
         ids.append(-1)
         continue
       ids.append(shapes.setdefault(shape, len(shapes)))
+      has_control |= "control" in r
     self.buckets = list(shapes)
     self.bucket_ids = np.asarray(ids, np.int32)
     self.scan_skipped = int((self.bucket_ids < 0).sum())
     bad = [s for s in self.buckets if len(s) != 3 or s[-1] != latent_channels]
     if bad:
       raise SanaError(f"records with latent shape {bad[0]}; the config asks for {latent_channels} channels")
+    return has_control
 
   def __len__(self):
     return len(self.bucket_ids)
@@ -218,7 +250,7 @@ class LatentRecordSource:
   def load(self, index, epoch):
     return decode_example(self._reader[index], latent_shape=self.buckets[self.bucket_ids[index]],
                           caption_length=self.caption_length, caption_channels=self.caption_channels,
-                          tau=self.tau, seed=self.seed, epoch=epoch, index=index)
+                          tau=self.tau, seed=self.seed, epoch=epoch, index=index, control=self.control)
 
   def describe(self, index):
     return f"record {index}"

@@ -2,10 +2,10 @@
 
   python -m sana_jax.data.reencode --data DIR --model DIFFUSERS_DIR --out DIR [--batch-size 256]
 
-For a changed text encoder (or prompt settings) over images already encoded: the DC-AE latents are
-copied as stored, every caption of every record is encoded again as `precompute` encodes it (the
-model directory's text_encoder/, tokenizer/ and model_index.json prompt settings), and so is the null
-caption. Like precompute, the output appears only when complete (OUT.partial, then renamed).
+For a changed text encoder (or prompt settings) over images already encoded: the DC-AE latents (and
+control latents) are copied as stored, every caption of every record is encoded again as `precompute`
+encodes it (the model directory's text_encoder/, tokenizer/ and model_index.json prompt settings), and
+so is the null caption. Like precompute, the output appears only when complete (OUT.partial, then renamed).
 """
 import json
 import os
@@ -45,7 +45,7 @@ def reencode(data, out, encode_captions, null_text=None, *, batch_size=256, extr
             k = len(e["captions"])
             writer.write(e["size"], e["latents"].shape, records.make_record(
                 e["latents"], y[at:at + k], mask[at:at + k], captions=e["captions"], scores=e["scores"],
-                key=e["key"], size=e["size"], latent_dtype=e["latents"].dtype))
+                key=e["key"], size=e["size"], latent_dtype=e["latents"].dtype, control=e.get("control")))
             at += k
         reader.close()
     meta.update(buckets=writer.close(), **(shape or {}), **(extra_metadata or {}))

@@ -1,6 +1,6 @@
 """Example sources. Each is a picklable random-access table (grain workers unpickle their own copy):
 
-  kind         "latents" (load -> latents [h, w, c], y [n, Dy], mask [n]) or
+  kind         "latents" (load -> latents [h, w, c], y [n, Dy], mask [n], with data.control control [h, w, c]) or
                "images"  (load -> image [H, W, 3] in [-1, 1], caption, captions, scores, key)
   bucket_ids   int32 [N]: each example's bucket, known without decoding it; -1 = in no bucket
                (found unreadable while scanning: never loaded, counted in `scan_skipped`)
@@ -30,11 +30,13 @@ class SyntheticSource:
   Each array is a window, at an offset hashed from (seed, index), into one bank of standard normals
   generated once per process: the cost of an example is a memory copy. Examples are deterministic
   per (seed, index) but not independent of each other (windows overlap); buckets are hashed too.
+  With control, "control" is sign(latents): a condition that a ControlNet can learn to use.
   """
   kind = "latents"
   scan_skipped = 0
 
-  def __init__(self, size, *, table, spatial_compression, latent_channels, caption_length, caption_channels, seed):
+  def __init__(self, size, *, table, spatial_compression, latent_channels, caption_length, caption_channels, seed,
+               control=False):
     if size <= 0:
       raise SanaError(f"synthetic_size must be positive, got {size}")
     f = spatial_compression
@@ -42,7 +44,7 @@ class SyntheticSource:
     self.bucket_ids = (hashing.hash64_array(seed, hashing.SYNTH_BUCKET, np.arange(size))
                        % np.uint64(len(self.buckets))).astype(np.int32)
     self.caption_length, self.caption_channels, self.seed = caption_length, caption_channels, seed
-    self._bank = None
+    self.control, self._bank = control, None
 
   def __getstate__(self):
     return {**self.__dict__, "_bank": None}  # regenerated in each worker, not pickled
@@ -61,9 +63,12 @@ class SyntheticSource:
     del epoch
     shape = self.buckets[self.bucket_ids[index]]
     n = 1 + hashing.hash64(self.seed, hashing.SYNTH_LENGTH, index) % self.caption_length  # real tokens
-    return {"latents": self._window(hashing.SYNTH_LATENTS, index, int(np.prod(shape))).reshape(shape),
-            "y": self._window(hashing.SYNTH_Y, index, n * self.caption_channels).reshape(n, self.caption_channels),
-            "mask": np.ones(n, np.uint8)}
+    out = {"latents": self._window(hashing.SYNTH_LATENTS, index, int(np.prod(shape))).reshape(shape),
+           "y": self._window(hashing.SYNTH_Y, index, n * self.caption_channels).reshape(n, self.caption_channels),
+           "mask": np.ones(n, np.uint8)}
+    if self.control:
+      out["control"] = np.sign(out["latents"])
+    return out
 
   def describe(self, index):
     return f"synthetic example {index}"
@@ -255,7 +260,8 @@ def make_source(c, *, seed, split, table):
       seed = hashing.hash64(seed, zlib.crc32(split.encode())) % 2**31
     return dreambooth(SyntheticSource(c.synthetic_size, table=table, spatial_compression=c.spatial_compression,
                                       latent_channels=c.latent_channels, caption_length=c.caption_length,
-                                      caption_channels=c.caption_channels, seed=seed), c.repeats)
+                                      caption_channels=c.caption_channels, seed=seed, control=c.control),
+                      c.repeats)
   if kind in ("array_record", "folder") and arg:
     path = os.path.expanduser(arg)
     if kind == "array_record" and os.path.exists(os.path.join(path, split, METADATA)):
@@ -269,7 +275,8 @@ def make_source(c, *, seed, split, table):
           prompt=c.class_prompt)
       return dreambooth(instance, c.repeats, classes)
     records = LatentRecordSource(path, seed=seed, tau=c.caption_tau, caption_length=c.caption_length,
-                                 caption_channels=c.caption_channels, latent_channels=c.latent_channels)
+                                 caption_channels=c.caption_channels, latent_channels=c.latent_channels,
+                                 control=c.control)
     return dreambooth(records, c.repeats, class_indices=_class_examples(path) if c.repeats > 1 else ())
   if kind == "tfds" and arg:
     return dreambooth(TfdsImageSource(arg, data_dir=c.data_dir, split=split, table=table, seed=seed,
