@@ -113,6 +113,8 @@ def training(c, *, batch_size, total_steps, lr, warmup_steps, data, init_from=""
   c.init_from = init_from             # a diffusers transformer directory to fine-tune from
   # LoRA fine-tuning of init_from when rank > 0 (sana_jax.training.adapters); alpha None: alpha = rank
   c.lora = dict(rank=0, alpha=placeholder(float), targets=("to_q", "to_k", "to_v", "to_out.0"), dropout=0.0)
+  # a ControlNet steering the frozen init_from when num_layers > 0 (sana_jax.training.controlnet)
+  c.controlnet = dict(num_layers=0, conditioning_scale=1.0)
   c.objective = dict(weighting="logit_normal", logit_mean=0.0, logit_std=1.0, flow_shift=1.0,
                      integer_timesteps=False, caption_dropout=0.1)
   c.optim = dict(name="came", lr=lr, lr_scaling=placeholder(str), base_batch=batch_size, warmup_steps=warmup_steps,

@@ -67,6 +67,7 @@ def check(config, workdir):
     F.sequence(F.text(), min_len=1)(tuple(s.get("prompts") or ()), "config.sample.prompts")
 
   _check_lora(config)
+  _check_controlnet(config)
 
   # the checks above import nothing heavy; these two need jax
   from sana_jax.training import optimizers
@@ -97,6 +98,35 @@ def _check_lora(config):
                     "where dropout on a layer's input cannot act on the adapter alone; use 0.0")
   if not config.get("init_from"):
     raise SanaError("config.lora needs config.init_from: the diffusers transformer directory whose weights it adapts")
+
+
+def _check_controlnet(config):
+  c = config.get("controlnet")
+  if c is None:
+    return
+  known = {"num_layers", "conditioning_scale"}
+  unknown = sorted(set(c) - known)
+  if unknown:
+    raise SanaError(f"config.controlnet: unknown key(s) {unknown}; known: {sorted(known)}")
+  depth = config.model.get("num_layers", 0)
+  n = F.integer(0, MAX_STEPS)(c.get("num_layers", 0), "config.controlnet.num_layers")
+  if not n:
+    return
+  if n >= depth:
+    raise SanaError(f"config.controlnet.num_layers={n}: expected 1 to {depth - 1}, fewer than the base's "
+                    f"{depth} blocks (diffusers adds residual k after base block k + 1)")
+  F.real(-1e3, 1e3)(c.get("conditioning_scale", 1.0), "config.controlnet.conditioning_scale")
+  if (config.get("lora") or {}).get("rank", 0):
+    raise SanaError("config.controlnet and config.lora are exclusive: train one at a time")
+  if config.model.get("guidance_embeds") or config.model.get("qk_norm"):
+    raise SanaError("config.controlnet: a Sana ControlNet steers a base without guidance embedding and q/k norms "
+                    "(Sana 1.0 layout), as diffusers' SanaControlNetModel")
+  if not config.get("init_from"):
+    raise SanaError("config.controlnet needs config.init_from: the diffusers transformer directory it steers "
+                    "(its first blocks start the ControlNet's)")
+  if config.get("sample", {}).get("every", 0):
+    raise SanaError("config.sample.every with config.controlnet: preview samples need condition images, which "
+                    "the config cannot name yet; set config.sample.every=0 and sample the export")
 
 
 def _get(config, dotted, default):

@@ -1,9 +1,11 @@
 """A run's weights as a diffusers `SanaTransformer2DModel` directory (the EMA weights when the run kept
 them), for SanaPipeline / diffusers or for fine-tuning with `init_from`; a LoRA run's adapter as
-diffusers' LoRA file with --lora (else its adapter fused into the init_from weights).
+diffusers' LoRA file with --lora (else its adapter fused into the init_from weights); a ControlNet run's
+ControlNet as a diffusers `SanaControlNetModel` directory (for SanaControlNetPipeline's controlnet/).
 
   python -m sana_jax.training.export_model --workdir DIR --out DIR/transformer [--no-ema] [--dtype bfloat16]
   python -m sana_jax.training.export_model --workdir DIR --out DIR/lora --lora   # pytorch_lora_weights.safetensors
+  python -m sana_jax.training.export_model --workdir DIR --out DIR/controlnet     # a config.controlnet run
 
 Without --step, the newest checkpoint that restores is exported (a damaged one is skipped with a
 warning, and left where it is: export never changes the run's directory). --out appears whole or not
@@ -27,13 +29,15 @@ def load_run_config(workdir):
 
 
 def export_transformer(workdir, out, *, ema=True, dtype="float32", step=None):
-  """Writes the checkpoint of `step` (the newest that restores) to `out`; returns the step written."""
+  """Writes the checkpoint of `step` (the newest that restores) to `out`: the transformer, or a ControlNet
+  run's ControlNet; returns the step written."""
   from flax import nnx
   trainer, step, params = _restore(workdir, ema, step)
-  if trainer.lora is not None:
+  if trainer.lora is not None or trainer.control is not None:
     from sana_jax.training.loop import load_init_params
     trainer.set_frozen(load_init_params(trainer.config, trainer))
-  nnx.merge(trainer.graphdef, trainer.model_params(params)).save_pretrained(out, dtype=dtype)
+  graphdef = trainer.graphdef if trainer.control is None else trainer.control.graphdef
+  nnx.merge(graphdef, trainer.model_params(params)).save_pretrained(out, dtype=dtype)
   return step
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from sana_jax import files, parallel
 from sana_jax.errors import SanaError
-from sana_jax.training import config_checks
+from sana_jax.training import config_checks, controlnet
 from sana_jax.training.checkpoint import Checkpointer
 from sana_jax.training.runlog import RunLog, warn
 from sana_jax.training.trainer import Trainer
@@ -33,13 +33,14 @@ def train(config, workdir):
                     f"{mesh.shape['data'] * mesh.shape['fsdp']} devices times config.grad_accum="
                     f"{config.get('grad_accum', 1)}; make it a multiple of {split}")
   trainer = Trainer(config, mesh, rules)
-  batches = data.make_train_iterator(config.data, global_batch=config.batch_size, process_index=jax.process_index(),
-                                     process_count=jax.process_count(), seed=config.seed, split="train")
+  batches = data.make_train_iterator(data_config(config), global_batch=config.batch_size,
+                                     process_index=jax.process_index(), process_count=jax.process_count(),
+                                     seed=config.seed, split="train")
   null_text = tuple(np.asarray(a) for a in data.null_text(config.data))
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.get("async_checkpoints", True))
   log = stop = None
   try:
-    if trainer.lora is not None:  # the frozen base: from init_from on every start, resumed or not
+    if trainer.lora is not None or trainer.control is not None:  # the frozen base: from init_from on every start
       trainer.set_frozen(load_init_params(config, trainer))
     restored = ckpt.restore_latest(trainer.abstract_state())
     if restored is not None:
@@ -49,8 +50,12 @@ def train(config, workdir):
       if ckpt.damaged_steps:
         warn(f"no checkpoint in {ckpt.directory} restores; starting the run afresh")
       start = 0
-      init_from = config.get("init_from") and trainer.lora is None
-      state = trainer.state_from_params(load_init_params(config, trainer)) if init_from else trainer.init()
+      if trainer.control is not None:
+        state = trainer.state_from_params(trainer.control.from_base(trainer.frozen))
+      elif config.get("init_from") and trainer.lora is None:
+        state = trainer.state_from_params(load_init_params(config, trainer))
+      else:
+        state = trainer.init()
     if jax.process_index() == 0:
       files.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
 
@@ -93,6 +98,13 @@ def train(config, workdir):
   return state
 
 
+def data_config(config):
+  """The run's data config; a ControlNet run's batches carry condition latents (data.control)."""
+  if controlnet.enabled(config):
+    return {**config.data.to_dict(), "control": True}
+  return config.data
+
+
 def load_init_params(config, trainer):
   """Float32 params of a diffusers SanaTransformer2DModel directory, for fine-tuning."""
   from flax import nnx
@@ -114,8 +126,9 @@ class Validation:
   def __init__(self, config, trainer):
     from sana_jax import data
     self.trainer, self.sigmas = trainer, tuple(config.eval.sigmas)
-    it = data.make_train_iterator(config.data, global_batch=config.batch_size, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), seed=config.seed, split="validation")
+    it = data.make_train_iterator(data_config(config), global_batch=config.batch_size,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  seed=config.seed, split="validation")
     self.batches = [trainer.put_batch(next(it)) for _ in range(config.eval.batches)]
 
   def __call__(self, state):

@@ -16,7 +16,7 @@ from flax import nnx
 
 from sana_jax import dtypes, parallel
 from sana_jax.models.dit import SanaTransformer, SanaTransformerConfig
-from sana_jax.training import adapters, objective, optimizers
+from sana_jax.training import adapters, controlnet, objective, optimizers
 
 
 @flax.struct.dataclass
@@ -32,8 +32,10 @@ class TrainState:
 class Trainer:
   """Builds the model graph, optimizer and shardings once; `init`, `step` and `eval_loss` are jitted.
 
-  LoRA runs (`config.lora.rank` > 0, see adapters.py): the params it trains are the LoRA factors; the
-  base weights (`set_frozen`, from init_from) are a separate, undonated input of every step.
+  LoRA runs (`config.lora.rank` > 0, see adapters.py): the params it trains are the LoRA factors;
+  ControlNet runs (`config.controlnet.num_layers` > 0, see controlnet.py): the ControlNet's blocks and
+  projections. In both the base weights (`set_frozen`, from init_from) are a separate, undonated input
+  of every step.
   """
 
   def __init__(self, config, mesh, rules=None):
@@ -46,18 +48,24 @@ class Trainer:
     self.graphdef, abstract = nnx.split(nnx.eval_shape(make))
     self.base_shardings = nnx.to_pure_dict(parallel.state_shardings(abstract, mesh, rules))
     self.base_abstract = nnx.to_pure_dict(abstract)
-    self.lora = self.frozen = None
+    self.lora = self.control = self.frozen = None
     if adapters.enabled(config):
       self.lora = adapters.LoraPlan(config.lora, self.model_cfg, self.base_abstract, self.base_shardings)
       self.param_shardings = self.lora.shardings
       self.abstract_params = jax.eval_shape(self.lora.init, jax.random.key(0))
+    elif controlnet.enabled(config):
+      self.control = controlnet.ControlNetPlan(config.controlnet, self.model_cfg, mesh, rules,
+                                               dtype=self.compute_dtype, seed=config.seed,
+                                               attention_impl=config.get("attention_impl", "xla"))
+      self.param_shardings, self.abstract_params = self.control.shardings, self.control.abstract
     else:
       self.param_shardings, self.abstract_params = self.base_shardings, self.base_abstract
-    frozen_shardings = self.base_shardings if self.lora else None
+    frozen_shardings = self.base_shardings if self.lora or self.control else None
     self.tx, self.schedule = optimizers.build_optimizer(config.optim, global_batch=config.batch_size,
                                                         total_steps=config.total_steps)
     self.state_shardings = self._state_shardings()
-    self.batch_shardings = {k: parallel.batch_sharding(mesh, nd) for k, nd in (("latents", 4), ("y", 3), ("mask", 2))}
+    inputs = (("latents", 4), ("y", 3), ("mask", 2)) + ((("control", 4),) if self.control else ())
+    self.batch_shardings = {k: parallel.batch_sharding(mesh, nd) for k, nd in inputs}
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
     self._jit_step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_shardings, None,
                                                        frozen_shardings),
@@ -72,11 +80,14 @@ class Trainer:
     return self._jit_eval_loss(params, batch, sigma, self.frozen)
 
   def set_frozen(self, base_params):
-    """The base weights a LoRA run adapts (float32, sharded like the model)."""
+    """The base weights a LoRA run adapts or a ControlNet run steers (float32, sharded like the model)."""
     self.frozen = jax.device_put(base_params, self.base_shardings)
 
   def model_params(self, params):
-    """The weights the model computes with: params themselves, or for LoRA the base with them added."""
+    """The weights of the model a run makes: params themselves; for LoRA the base with them added; for a
+    ControlNet the whole ControlNet's (its trained part with the base's embeddings)."""
+    if self.control is not None:
+      return self.control.full(self.frozen, params)
     return params if self.lora is None else self._jit_merged(self.frozen, params)
 
   # ---- state --------------------------------------------------------------------------------------
@@ -89,6 +100,8 @@ class Trainer:
   def _init(self):
     if self.lora is not None:
       return self._new_state(self.lora.init(jax.random.key(self.config.seed)))
+    if self.control is not None:
+      return self._new_state(self.control.init())
     params = nnx.to_pure_dict(nnx.state(self._make_model()))
     return self._new_state(params)
 
@@ -123,15 +136,19 @@ class Trainer:
                         self.state_shardings)
 
   def state_from_params(self, params):
-    """A fresh train state around given float32 params (fine-tuning from a checkpoint)."""
+    """A fresh train state around given float32 params (fine-tuning from a checkpoint; a ControlNet's
+    start, `control.from_base(frozen)`)."""
     params = jax.device_put(params, self.param_shardings)
     return jax.jit(self._new_state, out_shardings=self.state_shardings)(params)
 
   # ---- steps --------------------------------------------------------------------------------------
 
-  def _predict(self, params, frozen, x_t, timesteps, y, mask):
-    model = nnx.merge(self.graphdef, params if self.lora is None else self.lora.merged(frozen, params))
+  def _predict(self, params, frozen, x_t, timesteps, y, mask, control=None):
     with parallel.use_mesh(self.mesh, self.rules):
+      if self.control is not None:
+        residuals = self.control.residuals(frozen, params, x_t, timesteps, y, mask, control)
+        return nnx.merge(self.graphdef, frozen)(x_t, timesteps, y, mask, controlnet_block_samples=residuals)
+      model = nnx.merge(self.graphdef, params if self.lora is None else self.lora.merged(frozen, params))
       return model(x_t, timesteps, y, mask)
 
   def _prepare(self, batch, null_text, rng):
@@ -144,11 +161,14 @@ class Trainer:
         k_sigma, x0.shape[0], weighting=c.weighting, logit_mean=c.logit_mean, logit_std=c.logit_std,
         flow_shift=c.flow_shift, integer_timesteps=c.integer_timesteps)
     y, mask = objective.drop_captions(k_drop, batch["y"], batch["mask"], *null_text, c.caption_dropout)
-    return dict(x0=x0, noise=jax.random.normal(k_noise, x0.shape, jnp.float32), sigma=sigma, timesteps=timesteps,
+    rows = dict(x0=x0, noise=jax.random.normal(k_noise, x0.shape, jnp.float32), sigma=sigma, timesteps=timesteps,
                 y=y, mask=mask)
+    if self.control is not None:  # the condition is never dropped: the caption alone is, for CFG
+      rows["control"] = batch["control"].astype(jnp.float32)
+    return rows
 
   def _loss(self, params, rows, frozen):
-    predict = lambda x, t: self._predict(params, frozen, x, t, rows["y"], rows["mask"])
+    predict = lambda x, t: self._predict(params, frozen, x, t, rows["y"], rows["mask"], rows.get("control"))
     return objective.flow_loss(predict, rows["x0"], rows["noise"], rows["sigma"], rows["timesteps"])
 
   def _grads(self, params, rows, frozen):
@@ -191,7 +211,7 @@ class Trainer:
     x0 = batch["latents"].astype(jnp.float32)
     sig = jnp.full((x0.shape[0],), sigma, jnp.float32)
     noise = jax.random.normal(jax.random.key(self.config.seed + 1), x0.shape, jnp.float32)
-    predict = lambda x, t: self._predict(params, frozen, x, t, batch["y"], batch["mask"])
+    predict = lambda x, t: self._predict(params, frozen, x, t, batch["y"], batch["mask"], batch.get("control"))
     return objective.flow_loss(predict, x0, noise, sig, sig * objective.NUM_TRAIN_TIMESTEPS)
 
   def put_batch(self, local_batch):
