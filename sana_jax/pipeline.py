@@ -484,7 +484,8 @@ class SanaControlNetPipeline(SanaPipeline):
     return dict(parts, controlnet=SanaControlNetModel.from_pretrained(controlnet_dir, dtype=dtype))
 
   def save_pretrained(self, directory, dtype="float32", **kwargs):
-    raise SanaError("saving a SanaControlNetPipeline is not supported yet; save its models with save_pretrained")
+    super().save_pretrained(directory, dtype, controlnet=nnx.merge(self._controlnet_graph, self._controlnet_state),
+                            **kwargs)
 
   def __call__(self, prompt=None, *args, control_image=None, controlnet_conditioning_scale=1.0, **kwargs):
     """SanaPipeline's call with diffusers' `control_image` (PIL image(s) or an array [B, H, W, 3] in

@@ -124,6 +124,21 @@ def test_pipeline_matches_diffusers_float32(controlnet_pipelines):
     plain(**kw, control_image=control)
 
 
+def test_saved_pipeline_loads_in_diffusers_with_the_same_images(controlnet_pipelines, tmp_path):
+  ref, path = controlnet_pipelines
+  sana_jax.load_pipeline(path).save_pretrained(tmp_path / "saved")
+  theirs = diffusers.SanaControlNetPipeline.from_pretrained(tmp_path / "saved")
+  ours = sana_jax.load_pipeline(tmp_path / "saved")
+  assert type(ours).__name__ == "SanaControlNetPipeline"
+  rng = np.random.default_rng(1)
+  control, latents = rng.uniform(size=(1, 64, 64, 3)).astype(np.float32), rng.standard_normal((1, 16, 16, 8))
+  kw = dict(prompt="edges", negative_prompt="", height=64, width=64, num_inference_steps=2, guidance_scale=3.0,
+            controlnet_conditioning_scale=1.3, use_resolution_binning=False, control_image=control, output_type="np")
+  with torch.no_grad():
+    want = theirs(**kw, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).astype(np.float32))).images
+  assert np.abs(np.asarray(ours(**kw, latents=jnp.asarray(latents, jnp.float32)).images) - want).max() < 1e-3
+
+
 def test_sample_py_control_image(controlnet_pipelines, tmp_path, capsys):
   from PIL import Image
 

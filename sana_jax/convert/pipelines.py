@@ -15,7 +15,7 @@ import shutil
 
 from sana_jax import dtypes, files, registry, text
 from sana_jax import fields as F
-from sana_jax.convert import diffusers_dcae, diffusers_dit, transformers_gemma, writing
+from sana_jax.convert import diffusers_controlnet, diffusers_dcae, diffusers_dit, transformers_gemma, writing
 from sana_jax.errors import SanaError, one_line, short
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -181,7 +181,7 @@ def _write_tokenizer(directory, tokenizer):
 
 def save_pipeline(directory, *, transformer, vae, text_encoder, tokenizer, scheduler="DPMSolverMultistepScheduler",
                   flow_shift=3.0, sigma_data=None, dtype="float32", max_shard_bytes=writing.MAX_SHARD_BYTES,
-                  settings=None, pipeline_class="SanaPipeline"):
+                  settings=None, pipeline_class="SanaPipeline", controlnet=None):
   """Writes a diffusers-format Sana pipeline directory (model_index.json, transformer/, vae/,
   text_encoder/, tokenizer/, scheduler/) that diffusers' and our `pipeline_class` (a key of
   registry.PIPELINES) load.
@@ -193,9 +193,14 @@ def save_pipeline(directory, *, transformer, vae, text_encoder, tokenizer, sched
   writing.save_pretrained). settings: prompt encoding and sampling that differ from Sana's
   (max_sequence_length, complex_human_instruction, guidance_scale), kept under model_index.json's
   "sana_jax" key for our loader (diffusers ignores it: pass the same values to its __call__).
-  pipeline_class: the model_index.json class (a key of registry.PIPELINES)."""
+  pipeline_class: the model_index.json class (a key of registry.PIPELINES). controlnet: the
+  SanaControlNetModel of a SanaControlNetPipeline (its controlnet/)."""
+  if (controlnet is None) == (pipeline_class == "SanaControlNetPipeline"):
+    raise SanaError("a SanaControlNetPipeline is saved with its controlnet, and no other pipeline has one")
   comps = {"transformer": diffusers_dit.component(transformer), "vae": diffusers_dcae.component(vae),
            "text_encoder": transformers_gemma.component(text_encoder, dtype)}
+  if controlnet is not None:
+    comps["controlnet"] = diffusers_controlnet.component(controlnet)
   sched = scheduler_config(scheduler, flow_shift, sigma_data)
   registry.pipeline_class(pipeline_class, "pipeline_class")
   settings = F.validate(dict(settings or {}), SETTINGS, "settings")
