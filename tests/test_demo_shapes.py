@@ -319,3 +319,17 @@ def test_shapes_and_evaluate_cli_triangle_options(tmp_path, capsys):
   printed = json.loads(capsys.readouterr().out)
   assert printed["score"] == 1.0 and printed["triangles"]["down"] == 1.0 and printed["triangles"]["n"] > 0
   assert json.loads((report / "report.json").read_text())["settings"]["triangle"] == "down"
+
+
+def test_controlnet_recipe_placement_check():
+  from sana_jax.demo.controlnet_recipe import placed
+  hits = 0
+  for image, _, objects in examples(40, "validation"):
+    assert placed(objects, ev.detect(image), tolerance=1.0)  # the renders themselves: every centre in place
+    moved = np.full_like(image, 255)
+    moved[:, 6:] = image[:, :-6]  # everything 6 px to the right
+    hits += placed(objects, ev.detect(moved), tolerance=4.0)
+    recoloured = [dict(o, colour="red" if o["colour"] != "red" else "blue") for o in objects]
+    assert not placed(objects, recoloured, 4.0) and placed(objects, recoloured, 4.0, colour=False)
+    assert not placed(objects, objects[:-1], 4.0)  # one object missing
+  assert hits <= 2  # only objects cut at the border (their visible part's centre moves less) can pass

@@ -16,15 +16,12 @@ Each stage writes WORK/<stage> and is skipped when that exists, so an interrupte
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 
 from sana_jax import files
+from sana_jax.demo.stages import ASSET, run_stages, train_demo
 from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ASSET = os.path.join(ROOT, "sana_jax", "assets", "sana-shapes")
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv_inverted", "conv_point")
 
 
@@ -50,17 +47,9 @@ def stage_data(out, a):
 
 
 def stage_train(out, a):
-  arg = (f"latents={os.path.join(a.work, 'data')},init_from={os.path.join(a.model, 'transformer')},layers=8,pe,"
-         f"steps={a.steps},batch={a.batch},lr={a.lr}")
-  config = os.path.join(ROOT, f"configs/demo_shapes.py:{arg}")
-  cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config,
-         f"--config.lora.rank={a.rank}", f"--config.lora.alpha={float(a.rank)}",
-         f"--config.lora.targets={TARGETS!r}", f"--config.seed={a.seed}", "--config.ema_decay=0.0",
-         "--config.eval.every=0", f"--config.checkpoint_every={a.steps}", "--config.log_every=100", "--workdir", out]
-  if subprocess.run(cmd, cwd=ROOT).returncode:
-    raise SanaError("train.py failed (its message is above)")
-  with open(os.path.join(out, "metrics.jsonl")) as f:
-    return dict(last_metrics=[json.loads(line) for line in f][-1])
+  flags = (f"--config.lora.rank={a.rank}", f"--config.lora.alpha={float(a.rank)}", f"--config.lora.targets={TARGETS!r}")
+  return train_demo(out, latents=os.path.join(a.work, "data"), init_from=os.path.join(a.model, "transformer"),
+                    steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, flags=flags)
 
 
 def stage_export(out, a):
@@ -106,20 +95,10 @@ def main(argv=None):
   if a.triangles < 1 or a.others < 0 or a.triangles + a.others > 32:
     raise SanaError("--triangles (>= 1) and --others (>= 0) add up to at most 32 images")
   files.output_directory(a.work, "--work")
-  log_path = os.path.join(a.work, "report.json")
-  log = files.read_json(log_path, "recipe report") if os.path.exists(log_path) else {}
-  log["settings"] = {k: v for k, v in vars(a).items() if k != "work"}
-  for name, run in (("data", stage_data), ("train", stage_train), ("export", stage_export), ("eval", stage_eval)):
-    out = os.path.join(a.work, name)
-    if name in log and os.path.exists(out):
-      print(f"[lora recipe] {name}: done before, skipped", flush=True)
-      continue
-    print(f"[lora recipe] {name} ...", flush=True)
-    start = time.time()
-    log[name] = dict(run(out, a), seconds=round(time.time() - start, 1))
-    files.write_json(log_path, log, indent=1)
-    print(f"[lora recipe] {name}: {json.dumps(log[name])[:400]}", flush=True)
-  print(f"[lora recipe] done: {log_path}")
+  stages = [(name, lambda out, run=run: run(out, a)) for name, run in
+            (("data", stage_data), ("train", stage_train), ("export", stage_export), ("eval", stage_eval))]
+  run_stages(a.work, "report.json", stages, "lora recipe", settings={k: v for k, v in vars(a).items() if k != "work"})
+  print(f"[lora recipe] done: {os.path.join(a.work, 'report.json')}")
   return 0
 
 

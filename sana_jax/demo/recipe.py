@@ -16,13 +16,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from sana_jax import files
 from sana_jax.convert import writing
+from sana_jax.demo.stages import ROOT, run_stages
 from sana_jax.errors import ArgumentParser, SanaError, cli_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEXT_SETTINGS = dict(max_sequence_length=16, complex_human_instruction=())
 FLOW_SHIFT = 1.0
 
@@ -128,27 +127,14 @@ def main(argv=None):
                  help="the last stage to run (e.g. data, to train elsewhere)")
   a = p.parse_args(argv)
   files.output_directory(a.work, "--work")
-  log_path = os.path.join(a.work, "recipe.json")
-  log = files.read_json(log_path, "recipe log") if os.path.exists(log_path) else {}
   stages = [("parts/tokenizer", lambda o: stage_text(os.path.join(a.work, "parts"), a)),
             ("parts/vae", lambda o: stage_vae(os.path.join(a.work, "parts"), a)),
             ("data", lambda o: stage_data(o, a, a.work)),
             ("dit", lambda o: stage_dit(o, a, a.work)),
             ("ship", lambda o: stage_ship(o, a, a.work)),
             ("eval", lambda o: stage_eval(o, a, a.work))]
-  for name, run in stages:
-    out = os.path.join(a.work, name)
-    if name in log and os.path.exists(out):
-      print(f"[recipe] {name}: done before, skipped", flush=True)
-    else:
-      print(f"[recipe] {name} ...", flush=True)
-      start = time.time()
-      result = run(out)
-      log[name] = dict(result, seconds=round(time.time() - start, 1))
-      files.write_json(log_path, log, indent=1)
-      print(f"[recipe] {name}: {log[name]}", flush=True)
-    if name == a.stop_after:
-      break
+  log = run_stages(a.work, "recipe.json", stages, "recipe", stop_after=a.stop_after)
+  log_path = os.path.join(a.work, "recipe.json")
   log["total_seconds"] = round(sum(v.get("seconds", 0) for v in log.values() if isinstance(v, dict)), 1)
   files.write_json(log_path, log, indent=1)
   if a.ship:
