@@ -111,6 +111,7 @@ def training(c, *, batch_size, total_steps, lr, warmup_steps, data, init_from=""
   c.ema_decay = 0.0                   # 0 keeps no EMA
   c.attention_impl = "xla"
   c.init_from = init_from             # a diffusers transformer directory to fine-tune from
+  c.encoders = ""                     # a diffusers pipeline directory: encode folder:/tfds: images online
   # LoRA fine-tuning of init_from when rank > 0 (sana_jax.training.adapters); alpha None: alpha = rank
   c.lora = dict(rank=0, alpha=placeholder(float), targets=("to_q", "to_k", "to_v", "to_out.0"), dropout=0.0)
   # a ControlNet steering the frozen init_from when num_layers > 0 (sana_jax.training.controlnet)

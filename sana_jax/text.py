@@ -65,6 +65,7 @@ class PromptEncoder:
     # Causal attention makes the CHI tokens' keys, values and outputs the same for every prompt, so
     # they are computed once (per shared length) and each batch runs only the tokens after them.
     self.reuse_prefix, self._prefixes = reuse_prefix, {}
+    self.text_encoder = text_encoder
     graphdef, state = nnx.split(text_encoder)
     self._state = state
     self._forward = jax.jit(lambda state, ids, mask, prefix: nnx.merge(graphdef, state)(ids, mask, prefix))
@@ -84,9 +85,8 @@ class PromptEncoder:
                     text[-80:])
     return np.asarray(tokens["input_ids"]), np.asarray(tokens["attention_mask"])
 
-  def _embed(self, texts, max_length):
-    """(hidden states [B, max_length, D], mask), reusing the cached CHI prefix where tokens allow."""
-    ids, mask = self._tokenize(texts, max_length)
+  def _embed(self, ids, mask):
+    """(hidden states [B, T, D], mask) of tokens [B, T], reusing the cached CHI prefix where they allow."""
     shared = self._shared_prefix_length(ids)
     if not shared:
       return self._forward(self._state, jnp.asarray(ids), jnp.asarray(mask), None), jnp.asarray(mask)
@@ -106,15 +106,21 @@ class PromptEncoder:
     same = np.cumprod(ids[:, :n] == self.chi_ids[None, :n], axis=1)
     return int(same.sum(axis=1).min())
 
-  def encode_positive(self, prompts):
-    """Prompt embeddings [B, max_sequence_length, D] and mask: BOS + the last max_sequence_length - 1."""
+  def positive_tokens(self, prompts):
+    """What encode_positive runs the text encoder on: token ids and mask [B, T] (the CHI, then the
+    prompt), and the positions [max_sequence_length] it keeps: BOS + the last max_sequence_length - 1."""
     texts = self._preprocess(prompts)
     max_length = self.max_sequence_length
     if self.chi:
       texts = [self.chi + t for t in texts]
       max_length = len(self.tokenizer.encode(self.chi)) + self.max_sequence_length - 2
-    embeds, mask = self._embed(texts, max_length)
-    keep = np.concatenate([[0], np.arange(max_length - self.max_sequence_length + 1, max_length)])
+    ids, mask = self._tokenize(texts, max_length)
+    return ids, mask, np.concatenate([[0], np.arange(max_length - self.max_sequence_length + 1, max_length)])
+
+  def encode_positive(self, prompts):
+    """Prompt embeddings [B, max_sequence_length, D] and mask: BOS + the last max_sequence_length - 1."""
+    ids, mask, keep = self.positive_tokens(prompts)
+    embeds, mask = self._embed(ids, mask)
     return embeds[:, keep], mask[:, keep]
 
   def encode_negative(self, negative_prompts):

@@ -186,7 +186,7 @@ def _write(batches, source, directory, encode_images, encode_captions, scale, al
         yi, mi = y[at[i]:at[i + 1]], mask[at[i]:at[i + 1]]
         lat = latents[i].astype(latent_dtype)
         ctl = None if control is None else control[i].astype(latent_dtype)
-        if not (np.isfinite(lat).all() and np.isfinite(yi.astype(np.float16)).all()
+        if not (np.isfinite(lat).all() and np.isfinite(yi.astype(latent_dtype)).all()
                 and (ctl is None or np.isfinite(ctl).all())):
           bad_keys.append(e["key"])  # overflow in the stored precision: unusable for training
           continue
@@ -216,6 +216,23 @@ def _write(batches, source, directory, encode_images, encode_captions, scale, al
   return meta
 
 
+def encoder_parts(model, *, dtype, mesh=None, rules=None, max_sequence_length=300):
+  """(DC-AE, PromptEncoder) of a diffusers-format Sana directory (its vae/, text_encoder/ and tokenizer/),
+  with the directory's own prompt settings (the demo model: no CHI, short captions) as SanaPipeline reads
+  them; `max_sequence_length` where it sets none."""
+  from sana_jax.convert import diffusers_dcae, pipelines, transformers_gemma
+  from sana_jax.text import PromptEncoder
+  path = pipelines.resolve_model(model)
+  vae = diffusers_dcae.load(pipelines.component_dir(path, "vae"), dtype=dtype, param_dtype=dtype, mesh=mesh,
+                            rules=rules)
+  settings = {k: v for k, v in pipelines.model_settings(path).items() if k in pipelines.TEXT_SETTINGS}
+  settings.setdefault("max_sequence_length", max_sequence_length)
+  text_encoder = transformers_gemma.load(pipelines.component_dir(path, "text_encoder"), dtype=dtype, param_dtype=dtype,
+                                         mesh=mesh, rules=rules)
+  return vae, PromptEncoder(pipelines.load_tokenizer(pipelines.component_dir(path, "tokenizer")), text_encoder,
+                            **settings)
+
+
 def load_encoders(model, *, dtype="float32", max_sequence_length=300, batch_size=16):
   """(encode_images, encode_captions, null_text, scaling_factor, spatial_compression) from a diffusers-format
   Sana directory (its vae/, text_encoder/ and tokenizer/), loaded as SanaPipeline loads them.
@@ -225,17 +242,8 @@ def load_encoders(model, *, dtype="float32", max_sequence_length=300, batch_size
   from flax import nnx
 
   from sana_jax import dtypes
-  from sana_jax.convert import diffusers_dcae, pipelines, transformers_gemma
-  from sana_jax.text import PromptEncoder
-  path = pipelines.resolve_model(model)
   dtype = dtypes.resolve(dtype)
-  vae = diffusers_dcae.load(pipelines.component_dir(path, "vae"), dtype=dtype, param_dtype=dtype)
-  # the directory's own prompt settings (the demo model: no CHI, short captions), as SanaPipeline reads them
-  settings = {k: v for k, v in pipelines.model_settings(path).items() if k in pipelines.TEXT_SETTINGS}
-  settings.setdefault("max_sequence_length", max_sequence_length)
-  text_encoder = transformers_gemma.load(pipelines.component_dir(path, "text_encoder"), dtype=dtype, param_dtype=dtype)
-  prompts = PromptEncoder(pipelines.load_tokenizer(pipelines.component_dir(path, "tokenizer")), text_encoder,
-                          **settings)
+  vae, prompts = encoder_parts(model, dtype=dtype, max_sequence_length=max_sequence_length)
   graphdef, state = nnx.split(vae)
   encode = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode(x))
 
@@ -273,7 +281,8 @@ def parse_args(argv):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--max-sequence-length", type=int, default=300)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model compute dtype")
-  p.add_argument("--latent-dtype", default="float16", choices=("float16", "float32"))
+  p.add_argument("--latent-dtype", default="float16", choices=("float16", "float32"),
+                 help="stored precision of the latents and text embeddings")
   p.add_argument("--shard-size", type=int, default=1024, help="records per ArrayRecord file")
   p.add_argument("--threads", type=int, default=4, help="threads decoding and resizing images")
   p.add_argument("--overwrite", action="store_true")

@@ -9,7 +9,7 @@ Each record is a msgpack map (arrays as {"__nd__": 1, "dtype": numpy dtype str, 
   control   [h, w, c] as latents           optional: the condition image's latents (same encoder and
                                            scale) for ControlNet training; metadata "control" says
                                            what the condition is ("edge", "images:DIR")
-  y         [K, n, Dy] float16             text-encoder output for K captions; rows past the last
+  y         [K, n, Dy] as latents          text-encoder output for K captions; rows past the last
                                            real token of every caption are dropped (n <= L)
   mask      [K, n] uint8                   1 = real token
   scores    [K] float32                    caption scores; one caption is drawn per epoch with
@@ -80,7 +80,7 @@ def make_record(latents, y, mask, *, captions, scores, key, size, latent_dtype=n
   real = np.nonzero(mask.any(axis=0))[0]
   n = int(real[-1]) + 1 if len(real) else 1
   latents = np.asarray(latents).astype(latent_dtype)
-  record = {"latents": latents, "y": y[:, :n].astype(np.float16), "mask": (mask[:, :n] != 0).astype(np.uint8),
+  record = {"latents": latents, "y": y[:, :n].astype(latent_dtype), "mask": (mask[:, :n] != 0).astype(np.uint8),
             "scores": np.asarray(scores, np.float32).reshape(-1), "captions": list(captions), "key": str(key),
             "size": [int(size[0]), int(size[1])]}
   if control is not None:

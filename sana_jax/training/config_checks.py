@@ -68,6 +68,7 @@ def check(config, workdir):
 
   _check_lora(config)
   _check_controlnet(config)
+  _check_encoders(config)
 
   # the checks above import nothing heavy; these two need jax
   from sana_jax.training import optimizers
@@ -127,6 +128,26 @@ def _check_controlnet(config):
   if config.get("sample", {}).get("every", 0):
     raise SanaError("config.sample.every with config.controlnet: preview samples need condition images, which "
                     "the config cannot name yet; set config.sample.every=0 and sample the export")
+
+
+def _check_encoders(config):
+  path = config.get("encoders") or ""
+  kind = str(config.data.get("source", "")).partition(":")[0]
+  if not path:
+    if kind in ("folder", "tfds"):
+      raise SanaError(f"config.data.source={config.data.source!r} holds images: set config.encoders to the "
+                      "diffusers pipeline directory whose DC-AE and text encoder encode them in the step, or "
+                      "precompute the dataset")
+    return
+  F.text()(path, "config.encoders")
+  if kind not in ("folder", "tfds"):
+    raise SanaError(f"config.encoders encodes raw images: it needs a folder:DIR or tfds:NAME data.source, not "
+                    f"{config.data.get('source')!r}")
+  if not os.path.isdir(os.path.expanduser(path)):
+    raise SanaError(f"config.encoders={path!r} is not a directory (a diffusers-format Sana pipeline)")
+  if (config.get("controlnet") or {}).get("num_layers", 0):
+    raise SanaError("config.encoders with config.controlnet: condition images are not encoded online yet; "
+                    "precompute with --control")
 
 
 def _get(config, dotted, default):

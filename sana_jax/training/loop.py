@@ -36,7 +36,7 @@ def train(config, workdir):
   batches = data.make_train_iterator(data_config(config), global_batch=config.batch_size,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
                                      seed=config.seed, split="train")
-  null_text = tuple(np.asarray(a) for a in data.null_text(config.data))
+  null_text = tuple(np.asarray(a) for a in trainer.null_text(config.data))
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, async_save=config.get("async_checkpoints", True))
   log = stop = None
   try:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from sana_jax import dtypes, parallel
 from sana_jax.models.dit import SanaTransformer, SanaTransformerConfig
-from sana_jax.training import adapters, controlnet, objective, optimizers
+from sana_jax.training import adapters, controlnet, encoders, objective, optimizers
 
 
 @flax.struct.dataclass
@@ -61,23 +61,40 @@ class Trainer:
     else:
       self.param_shardings, self.abstract_params = self.base_shardings, self.base_abstract
     frozen_shardings = self.base_shardings if self.lora or self.control else None
+    self.encoders = None  # online encoding (encoders.py): the step gets images and tokens
+    if config.get("encoders"):
+      self.encoders = encoders.OnlineEncoders(config.encoders, mesh, rules, dtype=self.compute_dtype)
+    encoder_shardings = self.encoders.shardings if self.encoders else None
     self.tx, self.schedule = optimizers.build_optimizer(config.optim, global_batch=config.batch_size,
                                                         total_steps=config.total_steps)
     self.state_shardings = self._state_shardings()
     inputs = (("latents", 4), ("y", 3), ("mask", 2)) + ((("control", 4),) if self.control else ())
+    if self.encoders:
+      inputs = (("images", 4), ("ids", 2), ("tokens_mask", 2))
     self.batch_shardings = {k: parallel.batch_sharding(mesh, nd) for k, nd in inputs}
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
     self._jit_step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_shardings, None,
-                                                       frozen_shardings),
+                                                       frozen_shardings, encoder_shardings),
                              out_shardings=(self.state_shardings, None), donate_argnums=(0,))
     self._jit_eval_loss = jax.jit(self._eval_loss)
     self._jit_merged = jax.jit(self.lora.merged) if self.lora else None
 
   def step(self, state, batch, null_text):
-    return self._jit_step(state, batch, null_text, self.frozen)
+    return self._jit_step(state, batch, null_text, self.frozen, self._encoder_params())
 
   def eval_loss(self, params, batch, sigma):
-    return self._jit_eval_loss(params, batch, sigma, self.frozen)
+    return self._jit_eval_loss(params, batch, sigma, self.frozen, self._encoder_params())
+
+  def _encoder_params(self):
+    return self.encoders.params if self.encoders else None
+
+  def null_text(self, data_config):
+    """The empty caption's (y, mask) that caption dropout swaps in: the encoders' when they run online,
+    else the data's (data.null_text)."""
+    if self.encoders:
+      return self.encoders.null_text()
+    from sana_jax import data
+    return data.null_text(data_config)
 
   def set_frozen(self, base_params):
     """The base weights a LoRA run adapts or a ControlNet run steers (float32, sharded like the model)."""
@@ -151,6 +168,10 @@ class Trainer:
       model = nnx.merge(self.graphdef, params if self.lora is None else self.lora.merged(frozen, params))
       return model(x_t, timesteps, y, mask)
 
+  def _encoded(self, batch, encoder_params):
+    """The batch as latents, y and mask: encoded here from images and tokens when encoding online."""
+    return batch if self.encoders is None else self.encoders.encode(encoder_params, batch)
+
   def _prepare(self, batch, null_text, rng):
     """Draws sigmas, noise and caption dropout for the whole global batch at once, so microbatching
     (grad_accum) changes only the order of the sums, not the samples."""
@@ -188,9 +209,10 @@ class Trainer:
     (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
     return loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
-  def _step(self, state, batch, null_text, frozen):
+  def _step(self, state, batch, null_text, frozen, encoder_params):
     rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
-    loss, grads = self._grads(state.params, self._prepare(batch, null_text, rng), frozen)
+    rows = self._prepare(self._encoded(batch, encoder_params), null_text, rng)
+    loss, grads = self._grads(state.params, rows, frozen)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(jnp.add, state.params, updates)
@@ -206,8 +228,9 @@ class Trainer:
     metrics = dict(loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step), finite=finite)
     return new_state, metrics
 
-  def _eval_loss(self, params, batch, sigma, frozen):
+  def _eval_loss(self, params, batch, sigma, frozen, encoder_params):
     """Loss at one fixed sigma with fixed noise: comparable across steps and runs."""
+    batch = self._encoded(batch, encoder_params)
     x0 = batch["latents"].astype(jnp.float32)
     sig = jnp.full((x0.shape[0],), sigma, jnp.float32)
     noise = jax.random.normal(jax.random.key(self.config.seed + 1), x0.shape, jnp.float32)
@@ -215,7 +238,10 @@ class Trainer:
     return objective.flow_loss(predict, x0, noise, sig, sig * objective.NUM_TRAIN_TIMESTEPS)
 
   def put_batch(self, local_batch):
-    """Process-local numpy rows -> global arrays split over (data, fsdp)."""
+    """Process-local numpy rows -> global arrays split over (data, fsdp); image batches are tokenized
+    first when encoding online."""
+    if self.encoders:
+      local_batch = {**local_batch, **self.encoders.host_batch(local_batch)}
     out = {}
     for key, sharding in self.batch_shardings.items():
       value = np.asarray(local_batch[key])
