@@ -115,7 +115,7 @@ def test_sharded_online_step_equals_single_device(pipelines, image_folder):  # n
 @pytest.mark.parametrize("update, match", [
     (dict(encoders=""), "holds images: set config.encoders"),
     (dict(encoders="/no/such/dir"), "is not a directory"),
-    (dict(data_source="synthetic"), "needs a folder:DIR or tfds:NAME"),
+    (dict(data_source="synthetic"), "needs a folder:DIR, packed:DIR or tfds:NAME"),
 ])
 def test_bad_online_configs_are_one_line_errors(pipelines, image_folder, tmp_path, update, match):  # noqa: F811
   c = online_config(pipelines[2], image_folder, 2)

@@ -13,9 +13,10 @@ Checkpointing with orbax (grain's handler writes get_state() as process_{i}-of-{
     mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                data=grain.checkpoint.CheckpointRestore(it)))
 
-Image sources ("folder:DIR", "tfds:NAME") yield {"images" f32 [b, H, W, 3] in [-1, 1], "captions"
-object [b]} instead (`it.kind == "images"`); `python -m sana_jax.data.precompute` turns them into
-latents once. Config keys: `config.DEFAULTS`; record format: `records`; plans: `plan`.
+Image sources ("folder:DIR", "tfds:NAME", "packed:DIR") yield {"images" f32 [b, H, W, 3] in [-1, 1],
+"captions" object [b]} instead (`it.kind == "images"`); `python -m sana_jax.data.precompute` turns them
+into latents once, `python -m sana_jax.data.pack` a folder into the ArrayRecord shards of packed:DIR.
+Config keys: `config.DEFAULTS`; record formats: `records`, `pack`; plans: `plan`.
 
 DreamBooth (a few images of one subject, e.g. for LoRA): data.instance_prompt captions every image of a
 folder: source, data.repeats shows each example that many times per epoch, and data.class_source with
@@ -33,7 +34,7 @@ import numpy as np
 
 from sana_jax.data import loader, records
 from sana_jax.data.buckets import bucket_table
-from sana_jax.data.config import DEFAULTS, default_config, resolve
+from sana_jax.data.config import DEFAULTS, IMAGE_SOURCES, default_config, resolve
 from sana_jax.data.loader import GlobalBatches, TrainIterator, collate_images, collate_latents
 from sana_jax.data.plan import Plans
 from sana_jax.data.sources import make_source
@@ -85,7 +86,7 @@ def null_text(cfg, split="train"):
   """
   c = resolve(cfg)
   kind, _, arg = c.source.partition(":")
-  if kind in ("tfds", "folder"):
+  if kind in IMAGE_SOURCES:
     raise SanaError(f"source {c.source!r} holds images: encode the empty caption with the text encoder "
                     "(PromptEncoder.encode_negative), or precompute the dataset")
   if kind == "array_record":

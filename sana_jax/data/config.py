@@ -8,7 +8,8 @@ from sana_jax.errors import SanaError, short
 
 DEFAULTS = dict(
     # "synthetic" | "array_record:DIR_OR_GLOB" (precomputed latents) | "tfds:NAME" (TFDS image dataset,
-    # e.g. "sana_image_folder/NAME") | "folder:DIR" (images + caption sidecars, read directly)
+    # e.g. "sana_image_folder/NAME") | "folder:DIR" (images + caption sidecars, read directly) |
+    # "packed:DIR" (such a folder packed into ArrayRecord shards by `python -m sana_jax.data.pack`)
     source="synthetic",
     batch_size=None,          # global batch; make_train_iterator uses it when global_batch is not given
     data_dir=None,            # TFDS data_dir (None: TFDS's default)
@@ -41,6 +42,7 @@ DEFAULTS = dict(
     class_prompt=None,        # the caption of every class image; required with class_source
 )
 MAX_REPEATS = 10000
+IMAGE_SOURCES = ("folder", "tfds", "packed")  # source kinds that yield images, not latents
 
 
 def default_config():
@@ -72,7 +74,7 @@ def check_prompt(name, value):
 def _check_control(c):
   if not isinstance(c.control, bool):
     raise SanaError(f"data.control must be True or False, got {short(c.control)}")
-  if c.control and str(c.source).partition(":")[0] in ("tfds", "folder"):
+  if c.control and str(c.source).partition(":")[0] in IMAGE_SOURCES:
     raise SanaError(f"data.control needs precomputed latents, not {short(c.source)}: precompute with --control edge "
                     "or --control-images DIR and train from array_record:OUT")
 

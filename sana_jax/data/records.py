@@ -1,7 +1,8 @@
 """Precomputed training examples in ArrayRecord files: the record format, the writer and the source.
 
 A dataset directory holds `sana_latents.json` (metadata) and ArrayRecord shards, one group of shards
-per bucket, `latents-{H}x{W}-{shard:05d}.array_record` (written with group_size:1 for random access).
+per bucket, `latents-{H}x{W}-{shard:05d}.array_record` (written with group_size:1 for random access;
+`latents-{H}x{W}-p{process:05d}-{shard:05d}.array_record` when several processes wrote them).
 Each record is a msgpack map (arrays as {"__nd__": 1, "dtype": numpy dtype str, "shape": [...],
 "data": raw bytes}, C order):
 
@@ -113,10 +114,12 @@ def decode_example(raw, *, latent_shape, caption_length, caption_channels, tau, 
 
 
 class ShardWriter:
-  """Writes records into per-bucket rolling ArrayRecord shards under `directory`."""
+  """Writes records into per-bucket rolling ArrayRecord shards under `directory`; with `process`, their
+  names carry it (several processes writing into one directory)."""
 
-  def __init__(self, directory, shard_size=1024):
+  def __init__(self, directory, shard_size=1024, process=None):
     self.directory, self.shard_size = directory, shard_size
+    self._infix = "" if process is None else f"p{process:05d}-"
     self._open, self._buckets = {}, {}  # size -> (writer, file entry); size -> bucket entry
 
   def write(self, size, latent_shape, record):
@@ -126,7 +129,7 @@ class ShardWriter:
                                              "count": 0, "files": []})
     if size not in self._open or self._open[size][1]["count"] >= self.shard_size:
       self._close(size)
-      name = f"latents-{size[0]}x{size[1]}-{len(bucket['files']):05d}.array_record"
+      name = f"latents-{size[0]}x{size[1]}-{self._infix}{len(bucket['files']):05d}.array_record"
       entry = {"path": name, "count": 0}
       bucket["files"].append(entry)
       self._open[size] = (ArrayRecordWriter(os.path.join(self.directory, name), "group_size:1"), entry)

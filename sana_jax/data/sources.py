@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 
 from sana_jax.data import folder as folder_lib
-from sana_jax.data import hashing, images
+from sana_jax.data import hashing, images, records
 from sana_jax.data.buckets import nearest_bucket
 from sana_jax.errors import SanaError
 
@@ -117,6 +117,43 @@ class FolderSource:
 
   def describe(self, index):
     return self.items[index].key
+
+
+class PackedSource:
+  """Images packed by `python -m sana_jax.data.pack`: FolderSource's examples over the packed folder (bad
+  images left out at packing time), buckets from the sizes stored then, records read with grain's
+  ArrayRecordDataSource instead of one file opened per image."""
+  kind = "images"
+  scan_skipped = 0  # bad images were skipped, and counted in the metadata, when packing
+
+  def __init__(self, path, *, table, seed, tau):
+    import grain
+
+    from sana_jax.data import pack
+    _, sizes, paths = pack.read(path)
+    self.path, self.table, self.seed, self.tau = path, table, seed, tau
+    self.buckets = [(h, w) for _, h, w in table]
+    unique, inverse = np.unique(sizes, axis=0, return_inverse=True)  # a few thousand sizes among millions
+    self.bucket_ids = np.asarray([nearest_bucket(int(h), int(w), table) for h, w in unique],
+                                 np.int32)[inverse.reshape(-1)]
+    self._reader = grain.sources.ArrayRecordDataSource(paths)
+    if len(self._reader) != len(sizes):
+      raise SanaError(f"{path}: metadata lists {len(sizes)} images, the files hold {len(self._reader)}")
+
+  def __len__(self):
+    return len(self.bucket_ids)
+
+  def load(self, index, epoch):
+    r = records.unpack(self._reader[index])
+    captions, scores = r["captions"], r["scores"]
+    if not (isinstance(r["image"], bytes) and isinstance(captions, list) and captions
+            and all(isinstance(c, str) for c in captions) and len(scores) == len(captions)):
+      raise ValueError("a damaged packed record")
+    return image_example(r["image"], self.buckets[self.bucket_ids[index]], captions, scores, key=str(r["key"]),
+                         tau=self.tau, seed=self.seed, epoch=epoch, index=index)
+
+  def describe(self, index):
+    return f"{self.path} record {index}"
 
 
 def _text(value):
@@ -250,9 +287,11 @@ def _class_examples(path):
 def make_source(c, *, seed, split, table):
   """The source named by config `c.source` (see `config.py`) for `split`, DreamBooth settings applied.
 
-  Splits: TFDS's own; array_record:DIR uses DIR/SPLIT when that holds a precompute output, else DIR
-  (with a warning for a split other than train); synthetic data draws another split from another seed.
+  Splits: TFDS's own; array_record:DIR and packed:DIR use DIR/SPLIT when that holds such an output,
+  else DIR (with a warning for a split other than train); synthetic data draws another split from
+  another seed.
   """
+  from sana_jax.data import pack
   from sana_jax.data.records import METADATA, LatentRecordSource
   kind, _, arg = c.source.partition(":")
   if kind == "synthetic":
@@ -262,9 +301,10 @@ def make_source(c, *, seed, split, table):
                                       latent_channels=c.latent_channels, caption_length=c.caption_length,
                                       caption_channels=c.caption_channels, seed=seed, control=c.control),
                       c.repeats)
-  if kind in ("array_record", "folder") and arg:
+  if kind in ("array_record", "folder", "packed") and arg:
     path = os.path.expanduser(arg)
-    if kind == "array_record" and os.path.exists(os.path.join(path, split, METADATA)):
+    marker = {"array_record": METADATA, "packed": pack.METADATA}.get(kind)
+    if marker and os.path.exists(os.path.join(path, split, marker)):
       path = os.path.join(path, split)
     elif split != "train":
       log.warning("%s has no %r split: reading the whole source for it", arg, split)
@@ -274,12 +314,14 @@ def make_source(c, *, seed, split, table):
           os.path.expanduser(c.class_source[len("folder:"):]), table=table, seed=seed, tau=c.caption_tau,
           prompt=c.class_prompt)
       return dreambooth(instance, c.repeats, classes)
-    records = LatentRecordSource(path, seed=seed, tau=c.caption_tau, caption_length=c.caption_length,
+    if kind == "packed":
+      return dreambooth(PackedSource(path, table=table, seed=seed, tau=c.caption_tau), c.repeats)
+    latents = LatentRecordSource(path, seed=seed, tau=c.caption_tau, caption_length=c.caption_length,
                                  caption_channels=c.caption_channels, latent_channels=c.latent_channels,
                                  control=c.control)
-    return dreambooth(records, c.repeats, class_indices=_class_examples(path) if c.repeats > 1 else ())
+    return dreambooth(latents, c.repeats, class_indices=_class_examples(path) if c.repeats > 1 else ())
   if kind == "tfds" and arg:
     return dreambooth(TfdsImageSource(arg, data_dir=c.data_dir, split=split, table=table, seed=seed,
                                       tau=c.caption_tau), c.repeats)
-  raise SanaError(f"data source {c.source!r}; expected 'synthetic', 'array_record:DIR_OR_GLOB', 'tfds:NAME' "
-                  "or 'folder:DIR'")
+  raise SanaError(f"data source {c.source!r}; expected 'synthetic', 'array_record:DIR_OR_GLOB', 'tfds:NAME', "
+                  "'folder:DIR' or 'packed:DIR'")

@@ -131,18 +131,19 @@ def _check_controlnet(config):
 
 
 def _check_encoders(config):
+  from sana_jax.data.config import IMAGE_SOURCES
   path = config.get("encoders") or ""
   kind = str(config.data.get("source", "")).partition(":")[0]
   if not path:
-    if kind in ("folder", "tfds"):
+    if kind in IMAGE_SOURCES:
       raise SanaError(f"config.data.source={config.data.source!r} holds images: set config.encoders to the "
                       "diffusers pipeline directory whose DC-AE and text encoder encode them in the step, or "
                       "precompute the dataset")
     return
   F.text()(path, "config.encoders")
-  if kind not in ("folder", "tfds"):
-    raise SanaError(f"config.encoders encodes raw images: it needs a folder:DIR or tfds:NAME data.source, not "
-                    f"{config.data.get('source')!r}")
+  if kind not in IMAGE_SOURCES:
+    raise SanaError(f"config.encoders encodes raw images: it needs a folder:DIR, packed:DIR or tfds:NAME "
+                    f"data.source, not {config.data.get('source')!r}")
   if not os.path.isdir(os.path.expanduser(path)):
     raise SanaError(f"config.encoders={path!r} is not a directory (a diffusers-format Sana pipeline)")
   if (config.get("controlnet") or {}).get("num_layers", 0):
