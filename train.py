@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sana_jax import errors
+from sana_jax.training.plan import flag_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples")
@@ -34,20 +35,8 @@ def _parse(argv):
   except errors.SanaError as e:
     sys.exit(errors.report(e))
   except Exception as e:  # noqa: BLE001 - a bad flag, config file or override
-    sys.exit(errors.report(_flag_error(e)))
+    sys.exit(errors.report(flag_error(e)))
   return rest
-
-
-def _flag_error(error):
-  """A flags or config-loading error as one line: its first line, with its last where the first only
-  introduces it; an override of a key the config lacks says so."""
-  cause = error.args[0] if isinstance(error, AttributeError) and error.args else None
-  if isinstance(cause, KeyError):
-    return f"--config override: the config has no key {str(cause.args[0]).strip(chr(39))!r}"
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-  if "Failed loading config file" in lines[0]:
-    return f"cannot load --config: {lines[-1]}"
-  return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 @errors.cli_main

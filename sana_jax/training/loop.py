@@ -16,7 +16,7 @@ import numpy as np
 
 from sana_jax import files, parallel
 from sana_jax.errors import SanaError
-from sana_jax.training import config_checks, controlnet
+from sana_jax.training import config_checks, controlnet, plan
 from sana_jax.training.checkpoint import Checkpointer
 from sana_jax.training.runlog import RunLog, warn
 from sana_jax.training.trainer import Trainer
@@ -65,7 +65,10 @@ def train(config, workdir):
     stop = PreemptionFlag()
     step, last_time, last_step = start, time.perf_counter(), start
     while step < config.total_steps:
-      state, metrics = trainer.step(state, trainer.put_batch(next(batches)), null_text)
+      batch = trainer.put_batch(next(batches))
+      if step == start:  # a step that cannot fit fails here in one line, not as an out-of-memory error; not on CPU
+        plan.check_step_fits(trainer, state, batch, null_text)
+      state, metrics = trainer.step(state, batch, null_text)
       step += 1
       log.advance()
       if step % config.log_every == 0 or step == config.total_steps:

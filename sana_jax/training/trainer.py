@@ -38,7 +38,8 @@ class Trainer:
   of every step.
   """
 
-  def __init__(self, config, mesh, rules=None):
+  def __init__(self, config, mesh, rules=None, *, online_encoders=None):
+    """online_encoders: the encoders to run instead of loading config.encoders' weights (plan.py's abstract ones)."""
     self.config, self.mesh, self.rules = config, mesh, rules
     self.compute_dtype = dtypes.resolve(config.dtype, "config.dtype")
     self.model_cfg = SanaTransformerConfig.from_dict(config.model)
@@ -61,8 +62,8 @@ class Trainer:
     else:
       self.param_shardings, self.abstract_params = self.base_shardings, self.base_abstract
     frozen_shardings = self.base_shardings if self.lora or self.control else None
-    self.encoders = None  # online encoding (encoders.py): the step gets images and tokens
-    if config.get("encoders"):
+    self.encoders = online_encoders  # online encoding (encoders.py): the step gets images and tokens
+    if self.encoders is None and config.get("encoders"):
       self.encoders = encoders.OnlineEncoders(config.encoders, mesh, rules, dtype=self.compute_dtype)
     encoder_shardings = self.encoders.shardings if self.encoders else None
     self.tx, self.schedule = optimizers.build_optimizer(config.optim, global_batch=config.batch_size,
@@ -81,6 +82,11 @@ class Trainer:
 
   def step(self, state, batch, null_text):
     return self._jit_step(state, batch, null_text, self.frozen, self._encoder_params())
+
+  def lower_step(self, state, batch, null_text):
+    """The step lowered for these inputs (arrays or sharded ShapeDtypeStructs): `.compile()` is the program
+    `step` runs on them, and its memory_analysis() the memory it needs (plan.py)."""
+    return self._jit_step.lower(state, batch, null_text, self.frozen, self._encoder_params())
 
   def eval_loss(self, params, batch, sigma):
     return self._jit_eval_loss(params, batch, sigma, self.frozen, self._encoder_params())
