@@ -24,13 +24,11 @@ class OnlineEncoders:
     from sana_jax.data.precompute import encoder_parts
     vae, self.prompts = encoder_parts(path, dtype=dtype, mesh=mesh, rules=rules)
     self.scaling_factor = float(vae.scaling_factor)
-    self.latent_channels, self.spatial_compression = vae.config.latent_channels, vae.config.spatial_compression
     self._vae_graph, vae_state = nnx.split(vae)
     self._text_graph, text_state = nnx.split(self.prompts.text_encoder)
-    self.params = {"vae": vae_state, "text": text_state}
     self.shardings = {"vae": parallel.state_shardings(vae_state, mesh, rules),
                       "text": parallel.state_shardings(text_state, mesh, rules)}
-    self.params = jax.device_put(self.params, self.shardings)
+    self.params = jax.device_put({"vae": vae_state, "text": text_state}, self.shardings)
     _, _, self._keep = self.prompts.positive_tokens([""])
 
   def host_batch(self, batch):

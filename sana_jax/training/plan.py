@@ -65,7 +65,6 @@ class AbstractEncoders:
     vae = nnx.eval_shape(lambda: DCAE(vae_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     text = nnx.eval_shape(lambda: GemmaTextEncoder(text_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     self.scaling_factor = float(vae_cfg.scaling_factor)
-    self.latent_channels, self.spatial_compression = vae_cfg.latent_channels, vae_cfg.spatial_compression
     self._vae_graph, vae_state = nnx.split(vae)
     self._text_graph, text_state = nnx.split(text)
     self.shardings = {"vae": parallel.state_shardings(vae_state, mesh, rules),
