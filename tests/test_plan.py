@@ -141,4 +141,4 @@ def test_abstract_encoders_match_the_loaded_ones(tmp_path):
   assert describe(abstract.params) == describe(loaded.params)
   ids, _, keep = loaded.prompts.positive_tokens(["a red fox"])
   assert abstract.token_length == ids.shape[1] and np.array_equal(abstract._keep, keep)
-  assert abstract.spatial_compression == loaded.spatial_compression
+  assert abstract.scaling_factor == loaded.scaling_factor
