@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_data import png
 from test_pipeline import pipelines  # noqa: F401 - the tiny diffusers pipeline saved to disk
-from test_train import NEEDS_8, assert_params_close
+from test_train import NEEDS_8, assert_params_close, assert_two_processes_train_as_one
 from test_train_finetune import finetune_config
 
 from sana_jax import data, parallel
@@ -90,6 +90,16 @@ def test_online_run_resumes_exactly_and_skips_bad_images(pipelines, image_folder
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with open(tmp_path / "straight" / "metrics.jsonl") as f:
     assert f.read().count('"step"') >= 1
+
+
+@pytest.mark.slow
+def test_two_processes_train_online_as_one(pipelines, image_folder, tmp_path):  # noqa: F811
+  """Each process tokenizes and decodes its own rows of the folder; the encoders run on the global mesh."""
+  config = tmp_path / "online.py"
+  as_json = online_config(pipelines[2], image_folder, 4).to_json()
+  config.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
+                    f"  return ml_collections.ConfigDict(json.loads({as_json!r}))\n")
+  assert_two_processes_train_as_one(tmp_path, config=config)
 
 
 @NEEDS_8

@@ -21,6 +21,7 @@ from sana_jax.training import objective
 from sana_jax.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs/tiny.py")
 NEEDS_8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices; tests/conftest.py sets XLA_FLAGS")
 
 
@@ -175,9 +176,9 @@ def test_sharded_step_equals_single_device_step_and_restores_onto_another_mesh(t
 ONE_DEVICE = cpu_env(1)  # what these runs test does not depend on the mesh; one device compiles faster
 
 
-def train_cmd(workdir, *overrides):
-  return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
-          "--workdir", str(workdir), *overrides]
+def train_cmd(workdir, *overrides, config=TINY):
+  return [sys.executable, os.path.join(ROOT, "train.py"), "--config", str(config), "--workdir", str(workdir),
+          *overrides]
 
 
 def run_to_end(workdir, *overrides):
@@ -242,21 +243,28 @@ def free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_together(tmp_path):
-  steps = ["--config.total_steps=4", "--config.checkpoint_every=2", "--config.eval.every=0"]
+def assert_two_processes_train_as_one(tmp_path, *overrides, config=TINY):
+  """train.py in two processes of 2 CPU devices each, joined by jax.distributed, logs the losses of one
+  process with 4 devices; the run has 4 steps and checkpoints every 2."""
   env = dict(cpu_env(2), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
-  procs = [subprocess.Popen(train_cmd(tmp_path / "two", *steps), cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  cmd = train_cmd(tmp_path / "two", *overrides, config=config)
+  procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=400)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs
-  single_env = cpu_env(4)
-  subprocess.run(train_cmd(tmp_path / "one", *steps), check=True, capture_output=True, cwd=ROOT, env=single_env)
+  subprocess.run(train_cmd(tmp_path / "one", *overrides, config=config), check=True, capture_output=True, cwd=ROOT,
+                 env=cpu_env(4))
   two, one = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
   assert sorted(two) == [1, 2, 3, 4]  # process 0 alone wrote the log: one line per step
   for step in one:
     assert np.allclose(two[step], one[step], rtol=1e-5), (step, two[step], one[step])
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(tmp_path):
+  assert_two_processes_train_as_one(tmp_path, "--config.total_steps=4", "--config.checkpoint_every=2",
+                                    "--config.eval.every=0")
 
 
 def test_non_finite_run_stops_with_a_clear_error(tmp_path, monkeypatch):
