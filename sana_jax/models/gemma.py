@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sana_jax import fields as F
+from sana_jax import parallel
 from sana_jax.errors import SanaError, short
 from sana_jax.models import layers as L
 
@@ -195,6 +196,8 @@ class GemmaTextEncoder(nnx.Module):
       attention_mask = jnp.ones((b, n), jnp.int32)
     # the scale is cast to the compute dtype first, as transformers does (48.0 is exact in bf16)
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+    # a lookup in a table split over fsdp comes out split over the width with the batch whole on every device
+    x = parallel.constrain(x, ("batch", None, None))
     x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
     cos, sin = rope_tables(offset + n, cfg.head_dim, cfg.rope_theta, self.dtype)
     cos, sin = cos[offset:], sin[offset:]

@@ -29,6 +29,7 @@ class OnlineEncoders:
     self.shardings = {"vae": parallel.state_shardings(vae_state, mesh, rules),
                       "text": parallel.state_shardings(text_state, mesh, rules)}
     self.params = jax.device_put({"vae": vae_state, "text": text_state}, self.shardings)
+    self.mesh, self.rules = mesh, rules  # encode traces under them, so activations stay split over the batch
     _, _, self._keep = self.prompts.positive_tokens([""])
 
   def host_batch(self, batch):
@@ -47,7 +48,8 @@ class OnlineEncoders:
     """Inside the step: {"latents" f32, "y" f32, "mask"} of the host batch, constants to the gradient."""
     vae = nnx.merge(self._vae_graph, params["vae"])
     text = nnx.merge(self._text_graph, params["text"])
-    latents = vae.encode(batch["images"]).astype(jnp.float32) * self.scaling_factor
-    y = text(batch["ids"], batch["tokens_mask"])[:, self._keep].astype(jnp.float32)
+    with parallel.use_mesh(self.mesh, self.rules):
+      latents = vae.encode(batch["images"]).astype(jnp.float32) * self.scaling_factor
+      y = text(batch["ids"], batch["tokens_mask"])[:, self._keep].astype(jnp.float32)
     return {"latents": jax.lax.stop_gradient(latents), "y": jax.lax.stop_gradient(y),
             "mask": batch["tokens_mask"][:, self._keep]}

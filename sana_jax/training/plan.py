@@ -71,6 +71,7 @@ class AbstractEncoders:
                       "text": parallel.state_shardings(text_state, mesh, rules)}
     self.params = jax.tree.map(lambda s, var: with_sharding(var, s), self.shardings,
                                {"vae": vae_state, "text": text_state})
+    self.mesh, self.rules = mesh, rules
     self._keep = np.asarray(keep)  # the token positions the DiT sees (encode reads it)
     self.token_length, self.caption_length = token_length, len(self._keep)
     self.text_width, self.source = text_cfg.hidden_size, source
