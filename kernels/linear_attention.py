@@ -52,6 +52,10 @@ def linear_attention(q, k, v, *, eps=1e-15, implementation="auto"):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown linear-attention implementation {implementation!r}; "
                      f"expected one of {IMPLEMENTATIONS}")
+  from sana_jax import parallel
+  if parallel.row_split(q.shape) is not None:  # tokens split over devices (sequence parallelism, DC-AE rows):
+    return linear_attention_reference(q, k, v, eps=eps)  # XLA's einsums sum locally, then one all-reduce;
+    # the kernels keep a sequence's sums on one device
   if implementation == "auto":
     implementation = choose_implementation(_local_shape(q.shape), q.dtype, eps)
   if implementation == "pallas":
@@ -185,10 +189,5 @@ def _pallas_sharded(q, k, v, eps):
   mesh, spec = _spec(q.shape)
   if mesh is None:
     return kernel(q, k, v)
-  try:  # pallas outputs carry no varying-axes annotation, so that check is off
-    from jax import shard_map
-    mapped = shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
-  except (ImportError, TypeError):  # older JAX
-    from jax.experimental.shard_map import shard_map
-    mapped = shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_rep=False)
-  return mapped(q, k, v)
+  from sana_jax import parallel
+  return parallel.shard_map(kernel, mesh, (spec, spec, spec), spec)(q, k, v)

@@ -28,7 +28,14 @@ DEFAULT_RULES = (
     ("caption", None),
     ("patch", None),
     ("layers", None),         # the scanned axis of stacked block params
+    ("seq", None),            # image tokens (latent rows first): whole in training
+    ("rows", None),           # image rows of the DC-AE's activations
 )
+
+# Sampling: weights replicated; "data" splits the batch rows (prompts, and the CFG halves: cfg-parallel), "fsdp"
+# the image's latent rows (sequence parallelism); the DC-AE decode splits its rows over every device.
+SAMPLING_RULES = (("batch", "data"), ("seq", "fsdp"), ("rows", None))
+DECODE_RULES = (("batch", None), ("seq", None), ("rows", MESH_AXES))
 
 
 def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
@@ -45,6 +52,54 @@ def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
   if math.prod(sizes) != len(devices):
     raise SanaError(f"mesh: data*fsdp*tensor={math.prod(sizes)} but there are {len(devices)} devices")
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+PARALLELISMS = ("auto", "batch", "cfg", "sequence")
+SEQUENCE_ABOVE = 64 * 64  # latent tokens per image from which "auto" splits images rather than the batch
+
+
+def sampling_devices(devices=None):
+  """A pipeline's devices: all local ones (None), the first `devices` of them (an int), or a list."""
+  local = jax.local_devices()
+  if devices is None:
+    return local
+  if isinstance(devices, int) and not isinstance(devices, bool):
+    if not 1 <= devices <= len(local):
+      raise SanaError(f"devices={devices}: this process has {len(local)} local device(s)")
+    return local[:devices]
+  devices = list(devices)
+  if not devices or not all(isinstance(d, jax.Device) for d in devices):
+    raise SanaError("devices: give None, a count, or a non-empty list of jax devices")
+  return devices
+
+
+def sampling_plan(parallelism, devices, *, rows, groups, token_rows, tokens):
+  """(batch ways, sequence ways) for sampling on `devices`: the model batch of `rows` rows (`groups` copies of
+  the images: CFG halves, PAG thirds) split `batch ways` times, each image's `token_rows` rows of latent tokens
+  `sequence ways` times; their product is `devices`, or (1, 1) for one device.
+
+  "batch": rows over every device (one device when they do not divide). "sequence": token rows over every
+  device. "cfg": the groups over device groups, token rows within each (cfg x sequence). "auto": for images of
+  at least SEQUENCE_ABOVE tokens "cfg", else "sequence", where they divide; else "batch"."""
+  n = devices
+  batch = (n, 1) if rows % n == 0 else (1, 1)
+  sequence = (1, n) if token_rows % n == 0 else None
+  cfg = (groups, n // groups) if groups > 1 and n % groups == 0 and token_rows % (n // groups) == 0 else None
+  if n == 1 or parallelism == "batch":
+    return batch if n > 1 else (1, 1)
+  if parallelism == "sequence":
+    if sequence is None:
+      raise SanaError(f"parallelism='sequence' splits the {token_rows} rows of latent tokens over {n} devices: "
+                      f"choose a height whose rows divide by {n}")
+    return sequence
+  if parallelism == "cfg":
+    if cfg is None:
+      raise SanaError(f"parallelism='cfg' needs guidance (2 or 3 batch groups) dividing the {n} devices and "
+                      f"{token_rows} rows of latent tokens dividing by the devices per group")
+    return cfg
+  if tokens >= SEQUENCE_ABOVE:
+    return cfg or sequence or batch
+  return batch
 
 
 def mesh_from_config(mesh_cfg, devices=None):
@@ -120,3 +175,28 @@ def constrain(x, names):
     return x
   mesh, rules = active
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
+
+
+def row_split(shape):
+  """(mesh, PartitionSpec, ways) when the active mesh splits axis 1 of an array of `shape` (image rows,
+  or row-major image tokens) ways times, as the DiT's "seq" or the DC-AE's "rows" rule says; else None."""
+  active = _ACTIVE_MESH.get()
+  if active is None:
+    return None
+  mesh, rules = active
+  for name in ("seq", "rows"):
+    spec = logical_to_spec(("batch", name) + (None,) * (len(shape) - 2), shape, mesh, rules)
+    if spec[1] is not None:
+      axes = (spec[1],) if isinstance(spec[1], str) else spec[1]
+      return mesh, spec, math.prod(mesh.shape[a] for a in axes)
+  return None
+
+
+def shard_map(fn, mesh, in_specs, out_specs):
+  """jax's shard_map across versions; unchecked replication (Pallas outputs and ppermute halos carry none)."""
+  try:
+    from jax import shard_map as mapper
+    return mapper(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  except (ImportError, TypeError):  # older JAX
+    from jax.experimental.shard_map import shard_map as mapper
+    return mapper(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)

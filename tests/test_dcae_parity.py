@@ -153,21 +153,22 @@ def test_decode_split_along_height_equals_single_device(tmp_path):
 
 @pytest.mark.skipif(len(__import__("jax").devices()) < 8, reason="needs 8 devices; tests/conftest.py sets XLA_FLAGS")
 def test_height_split_decode_needs_less_memory_per_device(tmp_path):
-  """The activations really are split: per-device scratch memory well under the single-device one."""
+  """The activations really are split: per-device scratch close to 1/8 of the single-device one. (Left to the
+  partitioner, row-split convolutions keep several halo-padded copies of each block: 0.38 of it.)"""
   import jax
   from flax import nnx
 
   from sana_jax import parallel
+  from sana_jax.models import dcae
   make_reference(tmp_path, CONFIGS["unshuffle_multiscale_rms"])
   graphdef, state = nnx.split(sana_jax.DCAE.from_pretrained(tmp_path))
-  decode = lambda state, z: nnx.merge(graphdef, state).decode(z)
   z = jnp.zeros((1, 128, 64, 8))
-  single = jax.jit(decode).lower(state, z).compile().memory_analysis().temp_size_in_bytes
+  single = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z)).lower(state, z).compile()
   mesh = parallel.make_mesh()
-  replicated = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
-  spatial = parallel.spatial_sharding(mesh)
-  split = jax.jit(decode, in_shardings=(replicated, spatial), out_shardings=spatial).lower(state, z).compile()
-  assert split.memory_analysis().temp_size_in_bytes < 0.5 * single  # measured: 53 MB vs 139 MB
+  replicated = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  split = dcae._decode_split.lower(graphdef, mesh, replicated, jax.device_put(z, parallel.spatial_sharding(mesh)))
+  per_device = split.compile().memory_analysis().temp_size_in_bytes
+  assert per_device * 8 < 1.5 * single.memory_analysis().temp_size_in_bytes  # measured: 1.28
 
 
 def test_repeated_tiled_decode_compiles_once(tmp_path):

@@ -13,10 +13,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sana_jax import fields as F
+from sana_jax import parallel
 from sana_jax.errors import SanaError, short
 from sana_jax.kernels import linear_attention
 from sana_jax.models import layers as L
 
+_ROWS = ("batch", "rows", None, None)  # NHWC activations: under parallel.DECODE_RULES, rows split over the devices
 ACTIVATIONS = {"relu": jax.nn.relu, "relu6": jax.nn.relu6, "silu": jax.nn.silu, "swish": jax.nn.silu,
                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
@@ -337,10 +339,13 @@ class Decoder(nnx.Module):
     x = self.conv_in(z)
     if self.in_shortcut:
       x = x + repeat_channels(z.astype(x.dtype), self.in_repeats)
+    # every block's output pinned to the row split: the partitioner would otherwise gather whole images
+    # around the attention's reshapes and the upsampling
+    x = parallel.constrain(x, _ROWS)
     for stage in reversed(self.up_blocks):
       for block in stage:
-        x = block(x)
-    return self.conv_out(ACTIVATIONS[self.conv_act](self.norm_out(x)))
+        x = parallel.constrain(block(x), _ROWS)
+    return parallel.constrain(self.conv_out(ACTIVATIONS[self.conv_act](self.norm_out(x))), _ROWS)
 
 
 class DCAE(nnx.Module):
@@ -392,13 +397,9 @@ class DCAE(nnx.Module):
     n = mesh.devices.size
     if latents.shape[1] % n:
       raise SanaError(f"latent height {latents.shape[1]} is not divisible by the {n} devices of the mesh")
-    from sana_jax import parallel
     graphdef, state = nnx.split(self)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.device_put(state, replicated)
-    spatial = parallel.spatial_sharding(mesh)
-    fn = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z), out_shardings=spatial)
-    return fn(state, jax.device_put(latents, spatial))
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return _decode_split(graphdef, mesh, state, jax.device_put(latents, parallel.spatial_sharding(mesh)))
 
   def _pure(self, method):
     """A jitted function of the input alone, over the weights as they are now. One shared jit keyed
@@ -421,6 +422,13 @@ class DCAE(nnx.Module):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _apply_method(graphdef, method, state, x):
   return getattr(nnx.merge(graphdef, state), method)(x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode_split(graphdef, mesh, state, z):
+  """decode() with its activations' rows split over every device of `mesh` (DCAE.sharded_decode)."""
+  with parallel.use_mesh(mesh, parallel.DECODE_RULES):
+    return nnx.merge(graphdef, state).decode(z)
 
 
 def _check_tiling(tile, stride, factor):

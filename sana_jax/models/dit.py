@@ -17,7 +17,9 @@ from sana_jax.kernels import linear_attention
 from sana_jax.kernels.linear_attention import IMPLEMENTATIONS
 from sana_jax.models import layers as L
 
-_TOKENS = ("batch", None, None)  # activation layout [B, N, D]: batch split, tokens and width whole
+_TOKENS = ("batch", "seq", None)  # image tokens [B, N, D]: batch split, tokens split under sequence parallelism
+_GRID = ("batch", "seq", None, None)  # the same as [B, H, W, D]: latent rows split
+_TEXT = ("batch", None, None)  # caption tokens: whole on every device
 _MASK_BIAS = -10000.0  # diffusers turns the 0/1 text mask into this additive bias (not -inf)
 
 REMAT_POLICIES = {
@@ -236,7 +238,7 @@ class SanaBlock(nnx.Module):
     x = x + self.attn2(x, text_kv, mask_bias)
     h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
     b, n, d = x.shape
-    ff = self.ff(h.reshape(b, *hw, d)).reshape(b, n, d)
+    ff = self.ff(parallel.constrain(h.reshape(b, *hw, d), _GRID)).reshape(b, n, d)  # conv halos cross devices
     return x + gate_mlp * ff
 
 
@@ -289,7 +291,7 @@ class SanaTransformer(nnx.Module):
     """The text's share of the computation, the same at every sampling step: caption projection and
     norm, then every block's cross-attention keys and values ([layers, B, L, H, Dh] each)."""
     y = self.caption_norm(self.caption_projection(encoder_hidden_states.astype(self.dtype)))
-    y = parallel.constrain(y, _TOKENS)
+    y = parallel.constrain(y, _TEXT)
     if encoder_attention_mask is None:
       encoder_attention_mask = jnp.ones(y.shape[:2], jnp.float32)
     mask_bias = (1.0 - encoder_attention_mask.astype(jnp.float32)) * _MASK_BIAS
@@ -341,7 +343,7 @@ class SanaTransformer(nnx.Module):
     out = self.proj_out(h)  # [B, N, p*p*C] in (p_row, p_col, C) order
     p = self.config.patch_size
     out = out.reshape(b, hp, wp, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, H, W, -1)
-    return parallel.constrain(out, ("batch", None, None, None))
+    return parallel.constrain(out, _GRID)
 
   def _run_blocks(self, h, t6, text, hw, perturbed=None, residuals=None, collect=False):
     """The blocks in one scan; `collect`: also every block's output, stacked [layers, B, tokens, D]."""
