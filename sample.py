@@ -72,6 +72,10 @@ def parse_args(argv):
   p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--output-dir", default="outputs")
   p.add_argument("--overwrite", action="store_true", help="number images from 0000.png, replacing those there")
+  p.add_argument("--devices", type=int, default=None, help="local devices to sample on (default: all)")
+  p.add_argument("--parallelism", default="auto", choices=("auto", "batch", "cfg", "sequence"),
+                 help="how the devices share a call: the batch rows, the CFG halves x image rows, or the image rows "
+                      "(default auto: images of 2048 px and up are split by rows)")
   return p.parse_args(argv)
 
 
@@ -122,6 +126,8 @@ def check_settings(args, configs, n_images):
     raise SanaError(f"--pag-layers {args.pag_layers[:40]!r}: expected block indices such as 8 or 7,8") from None
   if args.sampler is not None and args.sampler not in SAMPLERS:
     raise SanaError(f"--sampler {args.sampler[:40]!r}: expected one of {', '.join(sorted(SAMPLERS))}")
+  if args.devices is not None and args.devices < 1:
+    raise SanaError(f"--devices {args.devices}: expected a positive number of local devices")
   for flag, value in (("--batch-size", args.batch_size), ("--num-images-per-prompt", args.num_images_per_prompt)):
     if not 0 < value <= MAX_IMAGES:
       raise SanaError(f"{flag} {value}: expected an integer from 1 to {MAX_IMAGES}")
@@ -221,7 +227,8 @@ def main(argv=None):
   from sana_jax.pipeline import load_pipeline, prng_key
   from sana_jax.sprint import SanaSprintPipeline, seeded_step_noise
   enable_compilation_cache()
-  pipe = load_pipeline(model_dir, dtype=args.dtype, sampler=args.sampler)
+  pipe = load_pipeline(model_dir, dtype=args.dtype, sampler=args.sampler, devices=args.devices,
+                       parallelism=args.parallelism)
   sprint = isinstance(pipe, SanaSprintPipeline)
   pipe.load_loras(loras)
   files.output_directory(args.output_dir, "--output-dir")

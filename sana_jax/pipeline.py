@@ -51,7 +51,7 @@ class BasePipeline:
 
   def __init__(self, tokenizer, text_encoder, transformer, vae, *, sampler, max_sequence_length=300,
                complex_human_instruction=COMPLEX_HUMAN_INSTRUCTION, tiled_decode_above=2048,
-               guidance_scale=DEFAULT_GUIDANCE_SCALE):
+               guidance_scale=DEFAULT_GUIDANCE_SCALE, parallelism="auto", devices=None):
     samplers = registry.PIPELINES[self._class_name].samplers
     if sampler not in samplers:
       raise SanaError(f"{type(self).__name__} runs {' / '.join(samplers)}, not {short(sampler)}: a directory with "
@@ -66,8 +66,13 @@ class BasePipeline:
     self.vae_scale_factor = vae.config.spatial_compression
     self.tiled_decode_above = tiled_decode_above
     self._dit_graph, self._dit_state = nnx.split(transformer)
-    # several local devices: the batch (CFG pairs and prompts) is split over them, weights replicated
-    self.mesh = parallel.make_mesh(data=-1, devices=jax.local_devices()) if jax.local_device_count() > 1 else None
+    # several devices: weights replicated on all; each call splits its batch rows (prompts, CFG halves) and/or
+    # its image's latent rows over them, as parallel.sampling_plan chooses for `parallelism`
+    self._devices = parallel.sampling_devices(devices)
+    if parallelism not in parallel.PARALLELISMS:
+      raise SanaError(f"parallelism={short(parallelism)}; expected one of {', '.join(parallel.PARALLELISMS)}")
+    self._parallelism = parallelism
+    self.mesh = parallel.make_mesh(data=-1, devices=self._devices) if len(self._devices) > 1 else None
     if self.mesh is not None:
       self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self._dit_state = jax.device_put(self._dit_state, self._replicated)
@@ -331,20 +336,45 @@ class BasePipeline:
 
   # ---- running and output ----------------------------------------------------------------------
 
-  def _on_devices(self, run, *args):
-    """run(*args), the batch (axis 0 of every array) split over the local devices when it divides."""
-    n_dev = 1 if self.mesh is None else self.mesh.devices.size
-    if n_dev > 1 and args[0].shape[0] % n_dev == 0:  # else the batch does not split evenly: one device
-      args = tuple(None if a is None else jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim)) for a in args)
-      with parallel.use_mesh(self.mesh):
-        return run(*args)
-    return run(*args)
+  @property
+  def parallelism(self):
+    """How calls use several devices (parallel.PARALLELISMS); fixed at construction, as compiled programs
+    are kept per input shape."""
+    return self._parallelism
+
+  def sampling_plan(self, latents_shape, groups=1):
+    """(batch ways, sequence ways) of a call on latents [n, h, w, C] whose model batch holds `groups` copies
+    of the n images (2 with CFG, 3 with CFG and PAG): parallel.sampling_plan for this pipeline's devices."""
+    n, h, w, _ = latents_shape
+    p = self.transformer.config.patch_size
+    return parallel.sampling_plan(self._parallelism, len(self._devices), rows=n * groups, groups=groups,
+                                  token_rows=h // p, tokens=(h // p) * (w // p))
+
+  def _on_devices(self, run, *args, groups=1):
+    """run(*args) on the devices of the call's sampling plan: axis 0 of every array holds the images; the
+    model's activations are split as the plan says (inputs only over the batch: rows are split in the DiT)."""
+    ways = self.sampling_plan(args[0].shape, groups)
+    if ways == (1, 1):
+      return run(*args)
+    mesh = parallel.make_mesh(data=ways[0], fsdp=ways[1], devices=self._devices)
+    rules = parallel.SAMPLING_RULES
+    place = lambda a: jax.device_put(a, jax.sharding.NamedSharding(
+        mesh, parallel.logical_to_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh, rules)))
+    args = tuple(None if a is None else place(a) for a in args)
+    with parallel.use_mesh(mesh, rules):
+      return run(*args)
 
   def decode(self, latents):
-    """Latents -> images in [-1, 1]; tiled when the image is larger than `tiled_decode_above` pixels."""
+    """Latents -> images in [-1, 1]. On several devices, a large image (more than `tiled_decode_above`
+    pixels a side, or split over devices while sampling) is decoded whole with its rows split over them;
+    on one device, tiled above `tiled_decode_above`."""
     latents = latents / self.vae.scaling_factor
     f = self.vae_scale_factor
-    if max(latents.shape[1], latents.shape[2]) * f > self.tiled_decode_above:
+    large = max(latents.shape[1], latents.shape[2]) * f > self.tiled_decode_above
+    split = self._parallelism in ("sequence", "cfg") or latents.shape[1] * latents.shape[2] >= parallel.SEQUENCE_ABOVE
+    if self.mesh is not None and latents.shape[1] % len(self._devices) == 0 and (large or split):
+      return self.vae.sharded_decode(latents.astype(self.vae.dtype), self.mesh)
+    if large:
       return self.vae.tiled_decode(latents.astype(self.vae.dtype))
     return self._decode(latents.astype(self.vae.dtype))
 
@@ -452,7 +482,7 @@ class SanaPipeline(BasePipeline):
     control = self._control(control_image, controlnet_conditioning_scale, x.shape[0], size)
     run = lambda *a: self._generate(self._dit_inputs(), *a, jnp.float32(guidance_scale), jnp.float32(pag_scale), layers,
                                     control, sampler=sampler, steps=num_inference_steps, start=start, cfg=cfg, pag=pag)
-    x = self._on_devices(run, x, embeds, mask, neg, neg_mask)
+    x = self._on_devices(run, x, embeds, mask, neg, neg_mask, groups=1 + cfg + pag)
     return self._output(x, asked, output_type, return_dict)
 
   def _control(self, control_image, scale, n, size):
