@@ -7,7 +7,8 @@ row-split DC-AE decode.
   python bench/sequence_parallel.py --time --smoke          # the timing path at toy sizes (any machine)
 
 --memory compiles one model call (the CFG pair, float32) and the decode on abstract inputs: single device against
-the plans on the simulated devices; "per block" collectives sit in the scanned block (once per layer).
+the plans on the simulated devices. The DiT's collectives sit in its scanned block: the counts are per
+`scan_unroll` (2) blocks.
 --time uses random weights of the released shapes (timing does not depend on their values) and the
 pipeline's own plans (parallelism="auto": cfg x sequence at 4K) with the prompt embeddings given.
 """
@@ -57,40 +58,50 @@ def memory(args):
   h = args.resolution // 32
   graph, state = nnx.split(nnx.eval_shape(lambda: SanaTransformer(dit_cfg, rngs=nnx.Rngs(0), dtype=f32,
                                                                   param_dtype=f32)))
-  inputs = (jax.ShapeDtypeStruct((2, h, h, 32), f32), jax.ShapeDtypeStruct((2,), jnp.float32),
-            jax.ShapeDtypeStruct((2, 300, dit_cfg.caption_channels), f32), jax.ShapeDtypeStruct((2, 300), jnp.int32))
   call = lambda state, *a: nnx.merge(graph, state)(*a)
+
+  def dit_inputs(rows):
+    return (jax.ShapeDtypeStruct((2, rows, rows, 32), f32), jax.ShapeDtypeStruct((2,), jnp.float32),
+            jax.ShapeDtypeStruct((2, 300, dit_cfg.caption_channels), f32), jax.ShapeDtypeStruct((2, 300), jnp.int32))
 
   def replicated(tree, mesh):
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=spec), tree)
 
-  single = jax.jit(call).lower(state, *inputs).compile()
-  base = single.memory_analysis().temp_size_in_bytes
-  rows = [("DiT call, 1 device", base, 1.0, {})]
+  def temps(lower):
+    """(temp bytes at the image size, the same less a 2n x 2n-token image's: the part that grows with the image,
+    without the weight slices and other fixed scratch; the compiled program at the image size)"""
+    full, small = lower(h).compile(), lower(2 * n).compile()
+    t = full.memory_analysis().temp_size_in_bytes
+    return t, t - small.memory_analysis().temp_size_in_bytes, full
+
+  rows = [("DiT call, 1 device", *temps(lambda r: jax.jit(call).lower(state, *dit_inputs(r))))]
   for name, ways in (("sequence", (1, n)), ("cfg x sequence", (2, n // 2))):
     mesh = parallel.make_mesh(data=ways[0], fsdp=ways[1])
 
     def planned(state, *a, mesh=mesh):
       with parallel.use_mesh(mesh, parallel.SAMPLING_RULES):
         return call(state, *a)
-    compiled = jax.jit(planned).lower(replicated(state, mesh), *inputs).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    rows.append((f"DiT call, {name} {ways[0]}x{ways[1]}", temp, temp * n / base, collectives(compiled)))
+    rows.append((f"DiT call, {name} {ways[0]}x{ways[1]}",
+                 *temps(lambda r, mesh=mesh, planned=planned: jax.jit(planned).lower(replicated(state, mesh),
+                                                                                      *dit_inputs(r)))))
 
   vgraph, vstate = nnx.split(nnx.eval_shape(lambda: DCAE(vae_cfg, rngs=nnx.Rngs(0), dtype=f32, param_dtype=f32)))
-  z = jax.ShapeDtypeStruct((1, h, h, vae_cfg.latent_channels), f32)
-  vbase = jax.jit(lambda s, z: nnx.merge(vgraph, s).decode(z)).lower(vstate, z).compile().memory_analysis()
+  z = lambda r: jax.ShapeDtypeStruct((1, r, r, vae_cfg.latent_channels), f32)
+  decode = jax.jit(lambda s, z: nnx.merge(vgraph, s).decode(z))
   mesh = parallel.make_mesh(data=-1)
-  split = dcae._decode_split.lower(vgraph, mesh, replicated(vstate, mesh), z).compile()
-  vtemp = split.memory_analysis().temp_size_in_bytes
-  rows += [("DC-AE decode, 1 device", vbase.temp_size_in_bytes, 1.0, {}),
-           (f"DC-AE decode, rows over {n}", vtemp, vtemp * n / vbase.temp_size_in_bytes, collectives(split))]
+  rows += [("DC-AE decode, 1 device", *temps(lambda r: decode.lower(vstate, z(r)))),
+           (f"DC-AE decode, rows over {n}",
+            *temps(lambda r: dcae._decode_split.lower(vgraph, mesh, replicated(vstate, mesh), z(r))))]
   print(f"Sana 1.6B / DC-AE f32c32 at {args.resolution} px, float32, {n} devices ({jax.devices()[0].platform})")
-  print("| program | temp GiB per device | x N / single | collectives in the program |")
-  print("| --- | --- | --- | --- |")
-  for name, temp, ratio, ops in rows:
-    print(f"| {name} | {temp / 2**30:.2f} | {ratio:.2f} | {ops or '-'} |")
+  print("| program | temp GiB per device | x N / single | growing with the image: GiB | x N / single | "
+        "collectives in the program |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for name, temp, grown, compiled in rows:
+    one = rows[0] if name.startswith("DiT") else rows[-2]
+    k = 1 if compiled is one[3] else n
+    print(f"| {name} | {temp / 2**30:.2f} | {temp * k / one[1]:.2f} | {grown / 2**30:.2f} | {grown * k / one[2]:.2f} | "
+          f"{collectives(compiled) or '-'} |")
 
 
 def timing(args):

@@ -168,7 +168,7 @@ def test_height_split_decode_needs_less_memory_per_device(tmp_path):
   replicated = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   split = dcae._decode_split.lower(graphdef, mesh, replicated, jax.device_put(z, parallel.spatial_sharding(mesh)))
   per_device = split.compile().memory_analysis().temp_size_in_bytes
-  assert per_device * 8 < 1.5 * single.memory_analysis().temp_size_in_bytes  # measured: 1.28
+  assert per_device * 8 < 1.5 * single.memory_analysis().temp_size_in_bytes  # measured: 1.04
 
 
 def test_repeated_tiled_decode_compiles_once(tmp_path):

@@ -93,7 +93,7 @@ def test_sequence_split_dit_call_needs_an_eighth_of_the_memory_per_device():
       return call(state, *a)
   split = jax.jit(planned).lower(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                                               state), *inputs).compile()
-  assert split.memory_analysis().temp_size_in_bytes * 8 < 1.5 * single  # measured: 1.26
+  assert split.memory_analysis().temp_size_in_bytes * 8 < 1.5 * single  # measured: 1.10
   ops = re.findall(r"\b(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\(",
                    split.as_text())
   assert "all-reduce" in ops and "collective-permute" in ops and "all-gather" not in ops and "all-to-all" not in ops

@@ -157,8 +157,14 @@ def depthwise_conv(x, kernel, bias=None):
   def local(x, kernel, *bias):
     top = jax.lax.ppermute(x[:, -r:], rows, [(j, j + 1) for j in range(n - 1)])     # the previous device's last
     bottom = jax.lax.ppermute(x[:, :r], rows, [(j + 1, j) for j in range(n - 1)])  # and the next one's first rows
-    # no device sends to the first one's top or the last one's bottom: ppermute leaves zeros, the image's padding
-    return _depthwise(jnp.concatenate([top, x, bottom], axis=1), kernel, bias[0] if bias else None, row_pad=0)
+    # no device sends to the first one's top or the last one's bottom: ppermute leaves zeros, the image's padding.
+    # The block's own zero-padded conv, then what the halos add to its first and last r rows: convs of thin strips
+    # (halo rows beside zero rows), so no halo-padded copy of the whole block is made
+    out = _depthwise(x, kernel, bias[0] if bias else None, row_pad=r)
+    zeros = jnp.zeros_like(top)
+    from_top = _depthwise(jnp.concatenate([top, zeros], axis=1), kernel, None, row_pad=r)[:, r:]
+    from_bottom = _depthwise(jnp.concatenate([zeros, bottom], axis=1), kernel, None, row_pad=r)[:, :r]
+    return out.at[:, :r].add(from_top).at[:, -r:].add(from_bottom)
 
   replicated = jax.sharding.PartitionSpec()
   params = (kernel,) if bias is None else (kernel, bias)
@@ -166,8 +172,7 @@ def depthwise_conv(x, kernel, bias=None):
 
 
 def _depthwise(x, kernel, bias, row_pad):
-  """depthwise_conv with `row_pad` zero rows above and below (0: x brings its own halo rows) and "same"
-  columns."""
+  """depthwise_conv with `row_pad` zero rows above and below and "same" columns."""
   k, r = kernel.shape[0], kernel.shape[0] // 2
   if jax.default_backend() == "gpu":
     return _depthwise_grouped_conv(x, kernel, bias, row_pad)
