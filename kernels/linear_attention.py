@@ -52,10 +52,6 @@ def linear_attention(q, k, v, *, eps=1e-15, implementation="auto"):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown linear-attention implementation {implementation!r}; "
                      f"expected one of {IMPLEMENTATIONS}")
-  from sana_jax import parallel
-  if parallel.row_split(q.shape) is not None:  # tokens split over devices (sequence parallelism, DC-AE rows):
-    return linear_attention_reference(q, k, v, eps=eps)  # XLA's einsums sum locally, then one all-reduce;
-    # the kernels keep a sequence's sums on one device
   if implementation == "auto":
     implementation = choose_implementation(_local_shape(q.shape), q.dtype, eps)
   if implementation == "pallas":
@@ -164,13 +160,17 @@ def _time_alternating(fns, repeats):
 # ---- shard_map: pallas_call is not partitioned automatically ----
 
 def _spec(shape):
-  """(mesh, PartitionSpec of q/k/v) under an active mesh: batch and heads split as the rules say."""
+  """(mesh, PartitionSpec of q/k/v) under an active mesh: batch, tokens (sequence parallelism, the DC-AE's
+  row split) and heads split as the rules say."""
   from sana_jax import parallel
   active = parallel.active_mesh()
   if active is None:
     return None, None
   mesh, rules = active
-  return mesh, parallel.logical_to_spec(("batch", None, "heads", None), shape, mesh, rules)
+  for tokens in ("seq", "rows", None):  # the DiT's tokens, the DC-AE's, or none split
+    spec = parallel.logical_to_spec(("batch", tokens, "heads", None), shape, mesh, rules)
+    if tokens is None or spec[1] is not None:
+      return mesh, spec
 
 
 def _local_shape(shape):
@@ -190,4 +190,8 @@ def _pallas_sharded(q, k, v, eps):
   if mesh is None:
     return kernel(q, k, v)
   from sana_jax import parallel
+  if spec[1] is not None:  # tokens split: each device sums its own, one psum, then each applies (forward only)
+    combine = lambda kv, ksum: (jax.lax.psum(kv, spec[1]), jax.lax.psum(ksum, spec[1]))
+    kernel = lambda q, k, v: linear_attention_pallas(q, k, v, eps, interpret=jax.default_backend() == "cpu",
+                                                     combine=combine)
   return parallel.shard_map(kernel, mesh, (spec, spec, spec), spec)(q, k, v)

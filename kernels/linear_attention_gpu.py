@@ -220,12 +220,14 @@ def _seq_spec(plan, x):
   return pl.BlockSpec(x.shape, lambda b, h, c: (0, 0, 0))
 
 
-def _forward(q, k, v, plan):
+def _forward(q, k, v, plan, combine=None):
   b, n, h, d = q.shape
   low = q.dtype == BF16
   qf, kf, vf = (x.reshape(b, n, h * d) for x in (q, k, v))
   seq = _seq_spec(plan, qf)
   kv, ksum = _reduce(plan, _fwd_reduce_kernel, (kf, vf), [seq, seq], b, low)
+  if combine is not None:
+    kv, ksum = combine(kv, ksum)
   sums = _sums_specs(plan, per_chunk=False)
   out = _call(_fwd_apply_kernel, plan, b, plan.blocks, [seq, *sums], seq,
               jax.ShapeDtypeStruct((b, n, h * d), F32), low)(qf, kv, ksum)
@@ -255,10 +257,11 @@ def _attention(q, k, v, plan):
 _attention.defvjp(_forward, _backward)
 
 
-def linear_attention_gpu(q, k, v, eps=1e-15, block=None, chunk_blocks=None, num_warps=4, interpret=False):
+def linear_attention_gpu(q, k, v, eps=1e-15, block=None, chunk_blocks=None, num_warps=4, interpret=False,
+                         combine=None):
   """q, k, v [B, N, H, D] (ReLU'd q, k; one dtype) -> [B, N, H, D] float32, the XLA reference's maths.
-  Gradients come back in the input dtype."""
+  Gradients come back in the input dtype. `combine`: as linear_attention_pallas's (forward only)."""
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
   plan = make_gpu_plan(q.shape, eps, block, chunk_blocks, num_warps, interpret)
-  return _attention(q, k, v, plan)
+  return _attention(q, k, v, plan) if combine is None else _forward(q, k, v, plan, combine)[0]

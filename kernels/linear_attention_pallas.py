@@ -189,12 +189,14 @@ def _reduce(plan, kernel, inputs, in_specs, batch):
                 jax.ShapeDtypeStruct((batch, g, 1, plan.lanes), F32)], reduce=True)(*inputs)
 
 
-def _forward(q, k, v, plan):
+def _forward(q, k, v, plan, combine=None):
   b, n, h, d = q.shape
   flat = lambda x: x.reshape(b, n, h * d)
   seq, kv_spec, ksum_spec, mask_spec = _specs(plan)
   mask = _head_mask(plan)
   kv, ksum = _reduce(plan, _fwd_reduce_kernel, (flat(k), flat(v), mask), [seq, seq, mask_spec], b)
+  if combine is not None:
+    kv, ksum = combine(kv, ksum)
   out = _call(_fwd_apply_kernel, plan, b, [seq, kv_spec, ksum_spec, mask_spec], seq,
               jax.ShapeDtypeStruct((b, n, h * d), F32), reduce=False)(flat(q), kv, ksum, mask)
   return out.reshape(b, n, h, d), (q, k, v, kv, ksum)
@@ -223,14 +225,16 @@ def _attention(q, k, v, plan):
 _attention.defvjp(_forward, _backward)
 
 
-def linear_attention_pallas(q, k, v, eps=1e-15, block=None, interpret=False, platform=None):
+def linear_attention_pallas(q, k, v, eps=1e-15, block=None, interpret=False, platform=None, combine=None):
   """q, k, v [B, N, H, D] (ReLU'd q, k) -> [B, N, H, D] float32; same maths as the XLA reference.
   Gradients come back in the input dtypes. `platform` ("tpu" | "gpu") picks the kernels instead of
   the default backend (where CPU means the TPU kernels, interpreted), e.g. to interpret the GPU
-  kernels or to lower for another platform with jax.export."""
+  kernels or to lower for another platform with jax.export. `combine(kv, ksum) -> (kv, ksum)` runs between
+  the sums and their use (a psum when these are one device's tokens of a longer sequence): forward only."""
   if _platform(platform) == "gpu":
     from sana_jax.kernels.linear_attention_gpu import linear_attention_gpu
-    return linear_attention_gpu(q, k, v, eps, block=block, interpret=bool(interpret))
+    return linear_attention_gpu(q, k, v, eps, block=block, interpret=bool(interpret), combine=combine)
   if _platform(platform) != "tpu":
     raise ValueError(f"no Pallas linear-attention kernels for platform {platform or jax.default_backend()!r}")
-  return _attention(q, k, v, make_plan(q.shape, eps, block, interpret))
+  plan = make_plan(q.shape, eps, block, interpret)
+  return _attention(q, k, v, plan) if combine is None else _forward(q, k, v, plan, combine)[0]

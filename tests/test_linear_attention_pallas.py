@@ -172,6 +172,28 @@ def test_kernel_runs_per_shard_under_a_mesh():
     assert rel_err(g, g_want) <= 1e-4
 
 
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices; tests/conftest.py sets XLA_FLAGS")
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_kernels_sum_per_shard_when_the_tokens_are_split(platform):
+  """Sequence parallelism: each device's kernels sum its own tokens, one psum joins the sums, each device
+  applies them to its queries; the tokens are never gathered."""
+  from sana_jax import parallel
+  mesh = parallel.make_mesh(data=2, fsdp=4)
+  q, k, v = qkv((2, 128, 4, 32), jnp.float32)
+  with parallel.use_mesh(mesh, parallel.SAMPLING_RULES):
+    mesh_, spec = dispatch._spec(q.shape)
+  assert spec == jax.sharding.PartitionSpec("data", "fsdp", None, None)
+  combine = lambda kv, ksum: (jax.lax.psum(kv, "fsdp"), jax.lax.psum(ksum, "fsdp"))
+  kernel = lambda q, k, v: linear_attention_pallas(q, k, v, interpret=True, platform=platform, combine=combine)
+  placed = [jax.device_put(a, jax.sharding.NamedSharding(mesh, spec)) for a in (q, k, v)]
+  got = jax.jit(parallel.shard_map(kernel, mesh, (spec,) * 3, spec))(*placed)
+  assert rel_err(got, linear_attention_reference(q, k, v)) <= 1e-5
+  if platform == "tpu":  # and the dispatcher takes that path under the mesh
+    with parallel.use_mesh(mesh, parallel.SAMPLING_RULES):
+      got = jax.jit(lambda q, k, v: linear_attention(q, k, v, implementation="pallas"))(*placed)
+    assert got.sharding.spec == spec and rel_err(got, linear_attention_reference(q, k, v)) <= 1e-5
+
+
 # ---- implementation="auto" ----
 
 @pytest.fixture
