@@ -19,17 +19,18 @@ import ml_collections as mlc
 from configs import common, dcae
 
 TARGETS = {"gpu8": ("h100", 8), "tpu64": ("v5e", 64)}  # the plan's target device and the device count
-# (size, res, target) -> (batch per device, remat). python -m sana_jax.training.plan ... --max-batch found 57, 21, 51,
-# 14 per H100 and 2, 1, 2, 1 per v5e chip with remat "dots"; at 1024 px on v5e remat "full" fits 2 (docs/benchmarks.md)
+# (size, res, target) -> (batch per device, remat). python -m sana_jax.training.plan ... --max-batch found 76, 21, 51,
+# 14 per H100 with remat "dots"; per v5e chip 14 and 9 at 512 px with "dots", 8 and 6 at 1024 px with "full"
+# (with Gemma-2's activations split over the batch; docs/benchmarks.md)
 PLANNED = {
-    ("600m", 512, "gpu8"): (56, "dots"),
+    ("600m", 512, "gpu8"): (76, "dots"),
     ("600m", 1024, "gpu8"): (20, "dots"),
     ("1600m", 512, "gpu8"): (48, "dots"),
     ("1600m", 1024, "gpu8"): (12, "dots"),
-    ("600m", 512, "tpu64"): (2, "dots"),
-    ("600m", 1024, "tpu64"): (2, "full"),
-    ("1600m", 512, "tpu64"): (2, "dots"),
-    ("1600m", 1024, "tpu64"): (2, "full"),
+    ("600m", 512, "tpu64"): (12, "dots"),
+    ("600m", 1024, "tpu64"): (8, "full"),
+    ("1600m", 512, "tpu64"): (8, "dots"),
+    ("1600m", 1024, "tpu64"): (4, "full"),
 }
 
 
