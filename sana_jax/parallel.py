@@ -80,7 +80,8 @@ def sampling_plan(parallelism, devices, *, rows, groups, token_rows, tokens):
 
   "batch": rows over every device (one device when they do not divide). "sequence": token rows over every
   device. "cfg": the groups over device groups, token rows within each (cfg x sequence). "auto": for images of
-  at least SEQUENCE_ABOVE tokens "cfg", else "sequence", where they divide; else "batch"."""
+  at least SEQUENCE_ABOVE tokens the most batch ways that leave the token rows divisible by the rest (batch x
+  sequence, CFG halves included: the batch split needs no communication); smaller images "batch"."""
   n = devices
   batch = (n, 1) if rows % n == 0 else (1, 1)
   sequence = (1, n) if token_rows % n == 0 else None
@@ -98,7 +99,8 @@ def sampling_plan(parallelism, devices, *, rows, groups, token_rows, tokens):
                       f"{token_rows} rows of latent tokens dividing by the devices per group")
     return cfg
   if tokens >= SEQUENCE_ABOVE:
-    return cfg or sequence or batch
+    ways = [(d, n // d) for d in range(n, 0, -1) if n % d == 0 and rows % d == 0 and token_rows % (n // d) == 0]
+    return ways[0] if ways else batch
   return batch
 
 

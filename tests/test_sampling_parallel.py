@@ -23,6 +23,8 @@ SIDE = 512  # pixels: 128 x 128 latent tokens of the tiny pipeline (4x DC-AE, pa
     ("auto", dict(rows=2, groups=2, token_rows=32, tokens=32 * 32), (1, 1)),      # ... or one device
     ("auto", dict(rows=2, groups=2, token_rows=128, tokens=128 * 128), (2, 4)),   # 4K-like: cfg x sequence
     ("auto", dict(rows=3, groups=3, token_rows=128, tokens=128 * 128), (1, 8)),   # 3 groups: sequence
+    ("auto", dict(rows=4, groups=2, token_rows=128, tokens=128 * 128), (4, 2)),   # 2 images: batch x sequence
+    ("auto", dict(rows=16, groups=2, token_rows=128, tokens=128 * 128), (8, 1)),  # 8 images: one each
     ("auto", dict(rows=2, groups=2, token_rows=90, tokens=90 * 128), (1, 1)),     # rows do not divide
     ("batch", dict(rows=2, groups=2, token_rows=128, tokens=128 * 128), (1, 1)),
     ("sequence", dict(rows=16, groups=2, token_rows=32, tokens=32 * 32), (1, 8)),
@@ -57,7 +59,8 @@ def single(pipelines):  # noqa: F811
 
 @NEEDS_8
 @pytest.mark.slow
-@pytest.mark.parametrize("parallelism, n, ways", [("sequence", 1, (1, 8)), ("cfg", 2, (2, 4)), ("batch", 4, (8, 1))])
+@pytest.mark.parametrize("parallelism, n, ways", [("sequence", 1, (1, 8)), ("cfg", 2, (2, 4)), ("batch", 4, (8, 1)),
+                                                   ("auto", 2, (4, 2))])
 def test_plans_give_the_single_device_latents(pipelines, single, parallelism, n, ways):  # noqa: F811
   pipe = sana_jax.SanaPipeline.from_pretrained(pipelines[2], parallelism=parallelism)
   assert pipe.sampling_plan((n, SIDE // 4, SIDE // 4, 8), groups=2) == ways
