@@ -72,7 +72,7 @@ def parse_args(argv):
   p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--output-dir", default="outputs")
   p.add_argument("--overwrite", action="store_true", help="number images from 0000.png, replacing those there")
-  p.add_argument("--devices", type=int, default=None, help="local devices to sample on (default: all)")
+  p.add_argument("--devices", type=int, default=None, help="local devices to sample on (default: all the run's)")
   p.add_argument("--parallelism", default="auto", choices=("auto", "batch", "cfg", "sequence"),
                  help="how the devices share a call: the batch rows, the CFG halves x image rows, or the image rows "
                       "(default auto: images of 2048 px and up are split by rows)")
@@ -223,6 +223,8 @@ def main(argv=None):
   import jax.numpy as jnp
   from tqdm import tqdm
 
+  from sana_jax.training import distributed
+  distributed.maybe_initialize()  # the processes of a TPU slice (or JAX_COORDINATOR_ADDRESS...) sample together
   from sana_jax.compile_cache import enable_compilation_cache
   from sana_jax.pipeline import load_pipeline, prng_key
   from sana_jax.sprint import SanaSprintPipeline, seeded_step_noise
@@ -270,11 +272,13 @@ def main(argv=None):
         meta.update(control_image=args.control_image, control_type=args.control_type, control_scale=args.control_scale)
       if loras:
         meta["lora"] = json.dumps([{"path": path, "scale": scale} for path, scale in loras])
-      save_png(image, os.path.join(args.output_dir, f"{index:04d}.png"), meta)
+      if jax.process_index() == 0:  # every process holds every image; one writes them
+        save_png(image, os.path.join(args.output_dir, f"{index:04d}.png"), meta)
       index, written = index + 1, written + 1
   rate = later_images / later if later else len(jobs[:args.batch_size]) / first_call
-  print(f"wrote {written} image(s) to {args.output_dir} (last {index - 1:04d}.png); first call (with compile) "
-        f"{first_call:.1f} s; {rate:.2f} images/s{'' if later else ' (one batch, compile included)'}")
+  if jax.process_index() == 0:
+    print(f"wrote {written} image(s) to {args.output_dir} (last {index - 1:04d}.png); first call (with compile) "
+          f"{first_call:.1f} s; {rate:.2f} images/s{'' if later else ' (one batch, compile included)'}")
   return 0
 
 

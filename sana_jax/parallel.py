@@ -59,10 +59,11 @@ SEQUENCE_ABOVE = 64 * 64  # latent tokens per image from which "auto" splits ima
 
 
 def sampling_devices(devices=None):
-  """A pipeline's devices: all local ones (None), the first `devices` of them (an int), or a list."""
+  """A pipeline's devices: all of the run's (None: the local ones, or every process's after
+  jax.distributed.initialize), the first `devices` local ones (an int), or a list."""
   local = jax.local_devices()
   if devices is None:
-    return local
+    return jax.devices()
   if isinstance(devices, int) and not isinstance(devices, bool):
     if not 1 <= devices <= len(local):
       raise SanaError(f"devices={devices}: this process has {len(local)} local device(s)")
@@ -202,3 +203,22 @@ def shard_map(fn, mesh, in_specs, out_specs):
   except (ImportError, TypeError):  # older JAX
     from jax.experimental.shard_map import shard_map as mapper
     return mapper(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def put(tree, sharding):
+  """jax.device_put of arrays the same on every process, onto a sharding that may span other processes' devices
+  (sampling across the hosts of a slice): there each process supplies its own devices' pieces."""
+  def one(x):
+    if sharding.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(one, tree)
+
+
+def fetch(x):
+  """x itself when this process holds all of it, else every process's copy of the whole (an all-gather)."""
+  if x.is_fully_addressable:
+    return x
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(x, tiled=True)

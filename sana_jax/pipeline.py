@@ -75,7 +75,7 @@ class BasePipeline:
     self.mesh = parallel.make_mesh(data=-1, devices=self._devices) if len(self._devices) > 1 else None
     if self.mesh is not None:
       self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      self._dit_state = jax.device_put(self._dit_state, self._replicated)
+      self._dit_state = parallel.put(self._dit_state, self._replicated)
     self._decode, self._encode = vae._pure("decode"), vae._pure("encode")
     self._adapters, self._adapter_weights, self._lora_enabled = {}, {}, True
     self._fused, self._unfused_state = (), None
@@ -122,7 +122,7 @@ class BasePipeline:
 
   def set_transformer_params(self, state):
     """Swaps in new DiT weights of the same architecture (training's periodic samples)."""
-    state = jax.device_put(state, self._replicated) if self.mesh is not None else state
+    state = parallel.put(state, self._replicated) if self.mesh is not None else state
     self._dit_state = state
 
   # ---- LoRA, under diffusers' names ---------------------------------------------------------------
@@ -141,7 +141,7 @@ class BasePipeline:
     adapter = diffusers_lora.read(pretrained_model_name_or_path, self.transformer.config, shapes,
                                   weight_name=weight_name)
     adapter = jax.tree.map(jnp.asarray, adapter)
-    self._adapters[name] = adapter if self.mesh is None else jax.device_put(adapter, self._replicated)
+    self._adapters[name] = adapter if self.mesh is None else parallel.put(adapter, self._replicated)
     self._adapter_weights = {name: 1.0}
 
   def load_loras(self, loras):
@@ -358,11 +358,11 @@ class BasePipeline:
       return run(*args)
     mesh = parallel.make_mesh(data=ways[0], fsdp=ways[1], devices=self._devices)
     rules = parallel.SAMPLING_RULES
-    place = lambda a: jax.device_put(a, jax.sharding.NamedSharding(
+    place = lambda a: parallel.put(a, jax.sharding.NamedSharding(
         mesh, parallel.logical_to_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh, rules)))
     args = tuple(None if a is None else place(a) for a in args)
     with parallel.use_mesh(mesh, rules):
-      return run(*args)
+      return parallel.fetch(run(*args))  # across processes: every one gets the whole result
 
   def decode(self, latents):
     """Latents -> images in [-1, 1]. On several devices, a large image (more than `tiled_decode_above`
@@ -373,7 +373,7 @@ class BasePipeline:
     large = max(latents.shape[1], latents.shape[2]) * f > self.tiled_decode_above
     split = self._parallelism in ("sequence", "cfg") or latents.shape[1] * latents.shape[2] >= parallel.SEQUENCE_ABOVE
     if self.mesh is not None and latents.shape[1] % len(self._devices) == 0 and (large or split):
-      return self.vae.sharded_decode(latents.astype(self.vae.dtype), self.mesh)
+      return parallel.fetch(self.vae.sharded_decode(latents.astype(self.vae.dtype), self.mesh))
     if large:
       return self.vae.tiled_decode(latents.astype(self.vae.dtype))
     return self._decode(latents.astype(self.vae.dtype))
@@ -504,7 +504,7 @@ class SanaControlNetPipeline(SanaPipeline):
     self.controlnet = controlnet
     self._controlnet_graph, self._controlnet_state = nnx.split(controlnet)
     if self.mesh is not None:
-      self._controlnet_state = jax.device_put(self._controlnet_state, self._replicated)
+      self._controlnet_state = parallel.put(self._controlnet_state, self._replicated)
 
   @staticmethod
   def components_from_pretrained(path, dtype=jnp.float32, *, transformer=True):

@@ -1,6 +1,7 @@
 """Sampling across devices: batch, sequence (each image's latent rows split over the devices: linear attention's
 sums all-reduced, the Mix-FFN's conv halos exchanged) and cfg x sequence plans give the single-device latents
 on a 128 x 128 token grid, and the row-split DC-AE decode the single-device image."""
+import os
 import re
 
 import jax
@@ -100,3 +101,31 @@ def test_sequence_split_dit_call_needs_an_eighth_of_the_memory_per_device():
   ops = re.findall(r"\b(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\(",
                    split.as_text())
   assert "all-reduce" in ops and "collective-permute" in ops and "all-gather" not in ops and "all-to-all" not in ops
+
+
+@pytest.mark.slow
+def test_two_processes_sample_as_one_device(pipelines, single, tmp_path):  # noqa: F811
+  """sample.py on the 4 CPU devices of each of two processes joined by jax.distributed (a TPU slice's hosts):
+  the sequence plan spans all 8, process 0 alone writes, and its image is the one-device image."""
+  import subprocess
+  import sys
+
+  from conftest import cpu_env
+  from PIL import Image
+  from test_train import ROOT, free_port
+  env = dict(cpu_env(4), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
+  cmd = [sys.executable, "sample.py", "a red fox in the snow", "--model", str(pipelines[2]), "--height", str(SIDE),
+         "--width", str(SIDE), "--steps", "2", "--cfg", "4.5", "--dtype", "float32", "--parallelism", "sequence",
+         "--output-dir", str(tmp_path / "out")]
+  procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=400)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  assert "wrote 1 image" in outs[0] and "wrote" not in outs[1]
+  assert sorted(os.listdir(tmp_path / "out")) == ["0000.png"]
+  from sana_jax.pipeline import prng_key
+  latents = jax.random.normal(prng_key(0), (1, SIDE // 4, SIDE // 4, 8))
+  want = single("a red fox in the snow", height=SIDE, width=SIDE, num_inference_steps=2, guidance_scale=4.5,
+                latents=latents, output_type="np").images[0]
+  got = np.asarray(Image.open(tmp_path / "out" / "0000.png"), np.float32) / 255
+  assert np.abs(got - want).max() <= 1.5 / 255  # 8-bit rounding

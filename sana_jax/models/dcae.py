@@ -398,8 +398,8 @@ class DCAE(nnx.Module):
     if latents.shape[1] % n:
       raise SanaError(f"latent height {latents.shape[1]} is not divisible by the {n} devices of the mesh")
     graphdef, state = nnx.split(self)
-    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return _decode_split(graphdef, mesh, state, jax.device_put(latents, parallel.spatial_sharding(mesh)))
+    state = parallel.put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return _decode_split(graphdef, mesh, state, parallel.put(latents, parallel.spatial_sharding(mesh)))
 
   def _pure(self, method):
     """A jitted function of the input alone, over the weights as they are now. One shared jit keyed
