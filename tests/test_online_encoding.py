@@ -107,8 +107,8 @@ def test_two_processes_train_online_as_one(pipelines, image_folder, tmp_path):  
 def test_sharded_online_step_equals_single_device(pipelines, image_folder):  # noqa: F811
   cfg = online_config(pipelines[2], image_folder, 2)
   losses_1, params_1 = run_steps(cfg, single_device())
-  # data x fsdp: the batch, the DiT's and the encoders' weights split. (A data=2, fsdp=2, tensor=2 mesh gives
-  # a 1e-3 different loss on these 4 x 4 latents with or without online encoding: under investigation.)
+  # data x fsdp: the batch, the DiT's and the encoders' weights split. (Not data=2 x fsdp=2 x tensor=2: the DiT's
+  # output on 4 x 4 latents is wrong there, with or without online encoding; test_sharding's strict xfail.)
   losses_8, params_8 = run_steps(cfg, parallel.make_mesh(data=2, fsdp=4))
   np.testing.assert_allclose(losses_1, losses_8, rtol=1e-5)
   assert_params_close(params_1, params_8)

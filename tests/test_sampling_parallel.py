@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_controlnet import controlnet_pipelines  # noqa: F401 - a tiny ControlNet pipeline saved to disk
 from test_pipeline import pipelines  # noqa: F401 - the tiny diffusers pipeline saved to disk
+from test_sprint import sprint  # noqa: F401 - a tiny Sana-Sprint pipeline saved to disk
 from test_train import NEEDS_8
 
 import sana_jax
@@ -129,3 +131,20 @@ def test_two_processes_sample_as_one_device(pipelines, single, tmp_path):  # noq
                 latents=latents, output_type="np").images[0]
   got = np.asarray(Image.open(tmp_path / "out" / "0000.png"), np.float32) / 255
   assert np.abs(got - want).max() <= 1.5 / 255  # 8-bit rounding
+
+
+@NEEDS_8
+@pytest.mark.slow
+def test_sprint_and_controlnet_pipelines_split_by_rows_as_one_device(sprint, controlnet_pipelines):  # noqa: F811
+  """The family members run the same plans: Sana-Sprint's sCM loop and the ControlNet's residuals (added to
+  row-split tokens) give the one-device latents under the sequence plan."""
+  control = np.random.default_rng(1).uniform(size=(1, SIDE, SIDE, 3)).astype(np.float32)
+  for root, kwargs in ((sprint[2], dict(guidance_scale=4.5)),
+                       (controlnet_pipelines[1], dict(guidance_scale=4.5, control_image=control))):
+    pipes = [sana_jax.load_pipeline(root, devices=1), sana_jax.load_pipeline(root, parallelism="sequence")]
+    latents = np.random.default_rng(0).standard_normal((1, SIDE // 4, SIDE // 4, 8)).astype(np.float32)
+    one, split = (np.asarray(p("a red circle", height=SIDE, width=SIDE, num_inference_steps=2, latents=latents,
+                                seed=0, output_type="latent", use_resolution_binning=False, **kwargs).images)
+                  for p in pipes)
+    assert pipes[1].sampling_plan(latents.shape, groups=2)[1] == 8
+    np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-5)
