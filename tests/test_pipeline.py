@@ -116,7 +116,8 @@ def test_cli_writes_pngs_with_metadata(pipelines, tmp_path):
     (["--cfg", -2], "non-negative"), (["--sampler", "ddim"], "sampler"),
     (["--prompt-file", "nope.txt"], "does not exist"),
     (["--width", 8192], "beyond the largest"), (["--aspect", "wide"], "aspect"), (["--pag", "-1"], "pag"),
-    (["--pag", 2, "--pag-layers", 9], "PAG layer")])
+    (["--pag", 2, "--pag-layers", 9], "PAG layer"), (["--devices", 0], "--devices 0"),
+    (["--devices", 99], "local device")])
 def test_cli_errors_are_one_line_exit_2(pipelines, tmp_path, args, match):
   _, _, model = pipelines
   r = run_cli("a red fox", "--model", model, "--output-dir", tmp_path / "out", *args, cwd=tmp_path)
@@ -151,18 +152,15 @@ def test_text_keys_values_computed_once_per_generation(pipelines):
 
 @pytest.mark.skipif(len(__import__("jax").devices()) < 8, reason="needs 8 devices; tests/conftest.py sets XLA_FLAGS")
 def test_batch_split_over_local_devices(pipelines):
-  _, ours, _ = pipelines
+  _, ours, root = pipelines
   prompts = [f"a red fox number {i}" for i in range(8)]
   latents = jnp.asarray(np.random.default_rng(0).standard_normal((8, HEIGHT // 4, WIDTH // 4, 8)).astype(np.float32))
   kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3, latents=latents, output_type="latent")
   assert ours.mesh is not None and ours.mesh.devices.size == 8
   split = ours(prompts, **kw).images
   assert len(split.sharding.device_set) == 8  # the result really lives on all devices
-  mesh, ours.mesh = ours.mesh, None
-  try:
-    whole = ours(prompts, **kw).images
-  finally:
-    ours.mesh = mesh
+  whole = sana_jax.SanaPipeline.from_pretrained(root, devices=1)(prompts, **kw).images
+  assert len(whole.sharding.device_set) == 1
   assert rel_err(np.asarray(split), np.asarray(whole)) <= 1e-5
 
 
