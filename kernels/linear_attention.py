@@ -167,7 +167,7 @@ def _spec(shape):
   if active is None:
     return None, None
   mesh, rules = active
-  for tokens in ("seq", "rows", None):  # the DiT's tokens, the DC-AE's, or none split
+  for tokens in (*parallel.ROW_AXES, None):  # tokens split (sequence parallelism, DC-AE rows), or not
     spec = parallel.logical_to_spec(("batch", tokens, "heads", None), shape, mesh, rules)
     if tokens is None or spec[1] is not None:
       return mesh, spec

@@ -35,6 +35,7 @@ DEFAULT_RULES = (
 # Sampling: weights replicated; "data" splits the batch rows (prompts, and the CFG halves: cfg-parallel), "fsdp"
 # the image's latent rows (sequence parallelism); the DC-AE decode splits its rows over every device.
 SAMPLING_RULES = (("batch", "data"), ("seq", "fsdp"), ("rows", None))
+ROW_AXES = ("seq", "rows")  # the logical names of split image rows: the DiT's tokens, the DC-AE's rows
 DECODE_RULES = (("batch", None), ("seq", None), ("rows", MESH_AXES))
 
 
@@ -88,7 +89,7 @@ def sampling_plan(parallelism, devices, *, rows, groups, token_rows, tokens):
   sequence = (1, n) if token_rows % n == 0 else None
   cfg = (groups, n // groups) if groups > 1 and n % groups == 0 and token_rows % (n // groups) == 0 else None
   if n == 1 or parallelism == "batch":
-    return batch if n > 1 else (1, 1)
+    return batch
   if parallelism == "sequence":
     if sequence is None:
       raise SanaError(f"parallelism='sequence' splits the {token_rows} rows of latent tokens over {n} devices: "
@@ -187,7 +188,7 @@ def row_split(shape):
   if active is None:
     return None
   mesh, rules = active
-  for name in ("seq", "rows"):
+  for name in ROW_AXES:
     spec = logical_to_spec(("batch", name) + (None,) * (len(shape) - 2), shape, mesh, rules)
     if spec[1] is not None:
       axes = (spec[1],) if isinstance(spec[1], str) else spec[1]
