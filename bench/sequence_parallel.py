@@ -51,6 +51,7 @@ def memory(args):
   from sana_jax.models import dcae
   from sana_jax.models.dcae import DCAE
   from sana_jax.models.dit import SanaTransformer
+  from sana_jax.training.plan import with_sharding
   # float32: XLA:CPU has no bf16 dots, and the float32 copies of the bf16 weights it makes (hoisted out of the
   # block scan: all 1.6B parameters) would count as temporaries; activations scale the same in either
   n, f32 = len(jax.devices()), jnp.float32
@@ -65,8 +66,7 @@ def memory(args):
             jax.ShapeDtypeStruct((2, 300, dit_cfg.caption_channels), f32), jax.ShapeDtypeStruct((2, 300), jnp.int32))
 
   def replicated(tree, mesh):
-    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=spec), tree)
+    return with_sharding(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
   def temps(lower):
     """(temp bytes at the image size, the same less a 2n x 2n-token image's: the part that grows with the image,

@@ -2,7 +2,6 @@
 sums all-reduced, the Mix-FFN's conv halos exchanged) and cfg x sequence plans give the single-device latents
 on a 128 x 128 token grid, and the row-split DC-AE decode the single-device image."""
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +14,10 @@ from test_sprint import sprint  # noqa: F401 - a tiny Sana-Sprint pipeline saved
 from test_train import NEEDS_8
 
 import sana_jax
+from bench.sequence_parallel import collectives
 from sana_jax import parallel
 from sana_jax.errors import SanaError
+from sana_jax.training.plan import with_sharding
 
 SIDE = 512  # pixels: 128 x 128 latent tokens of the tiny pipeline (4x DC-AE, patch 1)
 
@@ -97,11 +98,9 @@ def test_sequence_split_dit_call_needs_an_eighth_of_the_memory_per_device():
   def planned(state, *a):
     with parallel.use_mesh(mesh, parallel.SAMPLING_RULES):
       return call(state, *a)
-  split = jax.jit(planned).lower(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                                              state), *inputs).compile()
+  split = jax.jit(planned).lower(with_sharding(state, replicated), *inputs).compile()
   assert split.memory_analysis().temp_size_in_bytes * 8 < 1.5 * single  # measured: 1.10
-  ops = re.findall(r"\b(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\(",
-                   split.as_text())
+  ops = collectives(split)
   assert "all-reduce" in ops and "collective-permute" in ops and "all-gather" not in ops and "all-to-all" not in ops
 
 
