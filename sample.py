@@ -16,6 +16,9 @@ makes the edge map of an ordinary image, see sana_jax/controls.py) and takes --c
 ControlNet's residuals' factor, default 1.0; 0 gives the base model's image).
 --lora PATH[:SCALE] (repeatable) applies a diffusers / peft LoRA file of the transformer (a directory with
 pytorch_lora_weights.safetensors, or the file) at SCALE (default 1.0).
+--quantize int8 | fp8 | w4a4 quantizes the transformer after loading (sana_jax.quant; LoRAs are fused into
+the weights first); w4a4 first calibrates on --calibration-prompts FILE (one per line; default: a built-in
+set). A directory saved quantized (SanaPipeline.quantize, then save_pretrained) loads quantized as it is.
 
 Writes OUTPUT_DIR/NNNN.png in prompt order, each with its prompt, seed, steps, cfg, model (and LoRAs with
 their scales) in the PNG's text metadata. Images already in OUTPUT_DIR are kept: numbering continues after
@@ -63,6 +66,8 @@ def parse_args(argv):
   p.add_argument("--control-scale", type=float, default=None, help="ControlNet conditioning scale (default 1.0)")
   p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                  help="a LoRA file or directory, at SCALE (default 1.0); repeatable")
+  p.add_argument("--quantize", choices=("int8", "fp8", "w4a4"), help="quantize the transformer (default: as saved)")
+  p.add_argument("--calibration-prompts", metavar="FILE", help="w4a4: calibrate on these prompts, one per line")
   p.add_argument("--pag", type=float, default=0.0, help="perturbed-attention guidance scale (0 = off)")
   p.add_argument("--pag-layers", default="0", help="comma-separated block indices for PAG (default: 0)")
   p.add_argument("--sampler", default=None, help="flow_dpm | flow_euler (default: the model's scheduler)")
@@ -114,6 +119,8 @@ def check_settings(args, configs, n_images):
   args.control_scale = 1.0 if args.control_scale is None else args.control_scale
   if not math.isfinite(args.control_scale):
     raise SanaError(f"--control-scale {args.control_scale}: expected a finite number")
+  if args.calibration_prompts and args.quantize != "w4a4":
+    raise SanaError("--calibration-prompts is for --quantize w4a4 (int8 and fp8 need no calibration)")
   if not 0 < args.steps <= MAX_STEPS:
     raise SanaError(f"--steps {args.steps}: the number of inference steps must be from 1 to {MAX_STEPS}")
   if args.cfg is not None and (not math.isfinite(args.cfg) or args.cfg < 0):
@@ -202,6 +209,12 @@ def main(argv=None):
   jobs = [(p, i) for p in prompts for i in range(args.num_images_per_prompt)]
   from sana_jax.convert.diffusers_lora import parse_specs
   loras = parse_specs(args.lora)
+  calibration = None
+  if args.calibration_prompts:
+    calibration = [line for line in files.read_text(args.calibration_prompts, "--calibration-prompts").splitlines()
+                   if line.strip()]
+    if not calibration:
+      raise SanaError(f"--calibration-prompts {args.calibration_prompts}: no prompt in the file")
   files.output_directory(args.output_dir, "--output-dir", create=False)
   if args.image or args.control_image:  # sana_jax.data imports the data loader: only when an image is given
     from sana_jax.data import images as image_files
@@ -233,6 +246,11 @@ def main(argv=None):
                        parallelism=args.parallelism)
   sprint = isinstance(pipe, SanaSprintPipeline)
   pipe.load_loras(loras)
+  if args.quantize:
+    if loras:
+      pipe.fuse_lora()
+      pipe.unload_lora_weights()
+    pipe.quantize(args.quantize, calibration_prompts=calibration, num_inference_steps=args.steps)
   files.output_directory(args.output_dir, "--output-dir")
   index = first_index(args.output_dir, args.overwrite)
   cfg = pipe.guidance_scale if args.cfg is None else args.cfg
@@ -270,6 +288,8 @@ def main(argv=None):
         meta.update(image=args.image, strength=args.strength)
       if control_image is not None:
         meta.update(control_image=args.control_image, control_type=args.control_type, control_scale=args.control_scale)
+      if args.quantize:
+        meta["quantize"] = args.quantize
       if loras:
         meta["lora"] = json.dumps([{"path": path, "scale": scale} for path, scale in loras])
       if jax.process_index() == 0:  # every process holds every image; one writes them

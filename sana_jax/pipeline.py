@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sana_jax import aspect_ratio, lora, parallel, registry
+from sana_jax import aspect_ratio, lora, parallel, quant, registry
 from sana_jax.convert import diffusers_lora, pipelines
 from sana_jax.errors import SanaError, short
+from sana_jax.quant import calibrate
 from sana_jax.sampling import SAMPLERS, denoise
 from sana_jax.text import COMPLEX_HUMAN_INSTRUCTION, PromptEncoder
 
@@ -133,6 +134,9 @@ class BasePipeline:
     as adapter `adapter_name` (default "default_<n>"); as in diffusers, it becomes the one active
     adapter, at weight 1.0."""
     name = f"default_{len(self._adapters)}" if adapter_name is None else adapter_name
+    if quant.mode_of(self.transformer) is not None:
+      raise SanaError(f"LoRA on a {quant.mode_of(self.transformer)} transformer: load the LoRA (and fuse_lora) "
+                      f"into the float model, then quantize")
     if not isinstance(name, str) or not name:
       raise SanaError(f"adapter_name {short(name)}: expected a non-empty string")
     if name in self._adapters:
@@ -227,6 +231,35 @@ class BasePipeline:
   def _dit_model(self, inputs):
     state, weighted = inputs
     return nnx.merge(self._dit_graph, lora.apply(state, weighted))
+
+  # ---- quantization ----------------------------------------------------------------------------
+
+  def quantize(self, mode, calibration_prompts=None, num_inference_steps=20, *, guidance_scale=None, height=None,
+               width=None, seed=0):
+    """Quantizes the transformer for inference (sana_jax.quant): "int8" (W8A8), "fp8" (e4m3) or "w4a4"
+    (SVDQuant). int8 and fp8 scale activations per token at every call and need no calibration. w4a4's
+    smoothing comes from the largest activations of each layer's input channels over calibration runs:
+    each prompt of `calibration_prompts` (default: quant.CALIBRATION_PROMPTS) is sampled by the float
+    model in `num_inference_steps` steps (seed `seed` + its index), and the DiT is observed at every step's
+    noise level on the path between that image's latents and its noise. save_pretrained then writes the
+    quantized transformer; from_pretrained loads it without calibrating again."""
+    quant.check_backend(mode)
+    if self._adapters:
+      raise SanaError("quantize with LoRA adapters loaded: fuse_lora() and unload_lora_weights() first (a fused "
+                      "LoRA is quantized with the weights)")
+    model = nnx.merge(self._dit_graph, self._dit_state)
+    statistics = None
+    if mode == "w4a4" and quant.mode_of(model) is None:
+      statistics = self._calibration_statistics(model, calibration_prompts or quant.CALIBRATION_PROMPTS,
+                                                num_inference_steps, guidance_scale, height, width, seed)
+    self.transformer = quant.quantize_transformer(model, mode, statistics)
+    self._dit_graph, state = nnx.split(self.transformer)
+    self._dit_state = state if self.mesh is None else parallel.put(state, self._replicated)
+    return self
+
+  def _calibration_statistics(self, model, prompts, steps, guidance_scale, height, width, seed):
+    raise SanaError(f"w4a4 calibration samples with Flow-DPM-Solver / Flow-Euler; {type(self).__name__} has neither: "
+                    f"quantize its transformer in a SanaPipeline, save it, and load it here, or use int8 / fp8")
 
   # ---- prompts ---------------------------------------------------------------------------------
 
@@ -400,6 +433,24 @@ class SanaPipeline(BasePipeline):
     self.flow_shift = flow_shift
     self._generate = jax.jit(self._generate_impl,
                              static_argnames=("sampler", "steps", "start", "cfg", "pag", "pag_layers"))
+
+  def _calibration_statistics(self, model, prompts, steps, guidance_scale, height, width, seed):
+    prompts = _prompt_list(prompts, "calibration_prompts")
+    guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
+    _, size = self._sizes(height, width, True)
+    sigmas, timesteps = SAMPLERS[self.sampler][0](steps, self.flow_shift)
+    ranges = calibrate.Ranges(model)
+    for i, prompt in enumerate(prompts):
+      noise = self._noise(1, size, prng_key(seed + i), None)
+      x0 = self(prompt, height=size[0], width=size[1], num_inference_steps=steps, guidance_scale=guidance_scale,
+                latents=noise, output_type="latent", use_resolution_binning=False).images
+      embeds, mask, neg, neg_mask = self.encode_prompt(prompt, guidance_scale > 1.0)
+      text = embeds if neg is None else jnp.concatenate([neg, embeds])
+      text_mask = mask if neg is None else jnp.concatenate([neg_mask, mask])
+      for sigma, t in zip(sigmas[:-1], timesteps):
+        x = jnp.concatenate([(1 - sigma) * x0 + sigma * noise] * text.shape[0])
+        ranges.observe(x.astype(model.dtype), jnp.full((x.shape[0],), t), text, text_mask)
+    return ranges.statistics()
 
   def _generate_impl(self, dit, latents, embeds, mask, neg_embeds, neg_mask, guidance, pag_scale=0.0,
                      pag_layers=(), control=None, *, sampler, steps, start, cfg, pag=False):

@@ -60,6 +60,9 @@ def read_config(path, **overrides):
   path = loading.resolve_dir(path, "transformer")
   source = f"{path}/config.json"
   raw = {**upgrade_config(loading.read_config(path, CLASS_NAME), source), **overrides}
+  from sana_jax.quant import saving as quantization  # it imports this module
+  quantization.read_mode(raw, source)  # checked here; `load` acts on it
+  raw.pop("quantization_config", None)
   return path, SanaTransformerConfig.from_dict(raw, source=source)
 
 
@@ -99,7 +102,13 @@ def upgrade_config(raw, source="transformer config"):
 
 
 def load(path, *, dtype, param_dtype, attention_impl="xla", mesh=None, rules=None, **overrides):
+  """The SanaTransformer of a diffusers directory, or the quantized one sana_jax.quant saved."""
+  from sana_jax.quant import saving as quantization
   path, cfg = read_config(path, **overrides)
+  mode = quantization.read_mode(loading.read_config(path), path)
+  if mode is not None:
+    return quantization.load(path, cfg, mode, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                             mesh=mesh, rules=rules)
   return loading.load_dit_family(safetensors_io.read_dir(path, "diffusion_pytorch_model"), SanaTransformer, cfg, TABLE,
                                  dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh,
                                  rules=rules, source=path)
@@ -113,7 +122,11 @@ def export_plan(cfg, state):
 
 
 def component(model):
-  """The export plan: diffusers' names for every weight, and its config.json."""
+  """The export plan: diffusers' names for every weight, and its config.json (a quantized model's is
+  sana_jax.quant.saving's)."""
+  from sana_jax.quant import saving as quantization
+  if quantization.quant_model.mode_of(model) is not None:
+    return quantization.component(model)
   cfg = model.config
   state = invert.flat_state(model)
   entries = export_plan(cfg, state)

@@ -33,6 +33,7 @@ class Component(NamedTuple):
   weights_prefix: str      # diffusion_pytorch_model / model
   library: str             # diffusers / transformers, for model_index.json
   class_name: str
+  exact: frozenset = frozenset()  # names written in their own dtype whatever the save's dtype (quantization scales)
 
 
 def flat_state(model):

@@ -41,10 +41,23 @@ def load_weights(path, build, table, *, num_layers=0, mesh=None, rules=None,
 
 def load_state(state_dict, build, table, *, num_layers=0, mesh=None, rules=None, source="checkpoint"):
   """Builds `build()` abstractly, fills it from {official name: array} via `table`."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  abstract_model = nnx.eval_shape(build)
+  shapes = {k: v.shape for k, v in abstract_leaves(abstract_model).items()}
+  return fill(abstract_model, convert(state_dict, table, shapes, num_layers, source=source), mesh, rules)
+
+
+def abstract_leaves(abstract_model):
+  """{path tuple of str: shape-dtype struct} of an abstract model's state."""
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract_model)))
+  return {tuple(map(str, k)): v for k, v in flat.items()}
+
+
+def fill(abstract_model, weights, mesh=None, rules=None):
+  """The model with every leaf of `abstract_model` taken from weights {path tuple of str: array}, cast to
+  the leaf's dtype on the host (and placed by the mesh's rules)."""
+  graphdef, abstract = nnx.split(abstract_model)
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))  # keys keep their types (List indices)
   name = lambda key: tuple(map(str, key))
-  weights = convert(state_dict, table, {name(k): v.shape for k, v in flat.items()}, num_layers, source=source)
   shardings = {}
   if mesh is not None:
     tree = nnx.to_pure_dict(parallel.state_shardings(abstract, mesh, rules))

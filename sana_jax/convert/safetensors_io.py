@@ -23,6 +23,7 @@ MAX_HEADER_BYTES = 100 << 20  # the safetensors package's own cap
 DTYPES = {  # safetensors dtype codes
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,  # quantized transformers' fp8 kernels
 }
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 

@@ -54,7 +54,7 @@ def arrays(comp, dtype=None):
     if cached[0] != e.path:
       cached = (e.path, _host(comp.state[e.path], e.name))
     w = e.transform.inverse(cached[1] if e.layer is None else cached[1][e.layer], comp.model_config)
-    yield e.name, np.ascontiguousarray(cast(w, dtype, e.name))
+    yield e.name, np.ascontiguousarray(cast(w, None if e.name in comp.exact else dtype, e.name))
 
 
 def cast(w, dtype, name):
@@ -89,7 +89,8 @@ def specs(comp, dtype=None):
   """[(official name, dtype, shape)] of what `arrays(comp, dtype)` yields, without making an array."""
   dtype = None if dtype is None else dtypes.resolve(dtype)
   stored = lambda e: np.int64 if e.path is None else comp.state[e.path].dtype
-  return [(e.name, out_dtype(stored(e), dtype), _official_shape(comp, e)) for e in comp.entries]
+  return [(e.name, out_dtype(stored(e), None if e.name in comp.exact else dtype), _official_shape(comp, e))
+          for e in comp.entries]
 
 
 def write_tensors(directory, prefix, specs, arrays, max_shard_bytes=MAX_SHARD_BYTES, metadata=None):

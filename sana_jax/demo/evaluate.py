@@ -313,11 +313,18 @@ def reference_generator(prompts, seed, triangle="up"):
   return [shapes.render_prompt(p, np.random.default_rng([seed, i, 11]), triangle) for i, p in enumerate(prompts)]
 
 
-def pipeline_generator(model, *, steps, cfg, dtype, height=None, width=None, loras=()):
-  """loras: [(LoRA file or directory, scale)] applied to the model's transformer."""
+CALIBRATION_SEED = 31337  # the prompt set quantization calibrates on: no evaluation set uses this seed
+
+
+def pipeline_generator(model, *, steps, cfg, dtype, height=None, width=None, loras=(), quantize=None):
+  """loras: [(LoRA file or directory, scale)] applied to the model's transformer. quantize: a mode of
+  SanaPipeline.quantize (w4a4 calibrates on 32 prompts of the CALIBRATION_SEED set)."""
   from sana_jax.pipeline import load_pipeline
   pipe = load_pipeline(model, dtype=dtype)
   pipe.load_loras(loras)
+  if quantize:
+    prompts = [p["prompt"] for p in make_prompt_set(CALIBRATION_SEED, 32)]
+    pipe.quantize(quantize, calibration_prompts=prompts, num_inference_steps=steps, guidance_scale=cfg)
 
   def generate(prompts, seed):
     return pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, seed=seed, height=height, width=width,
@@ -347,6 +354,7 @@ def parse_args(argv):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                  help="apply this LoRA to the model (as sample.py's --lora); repeatable")
+  p.add_argument("--quantize", choices=("int8", "fp8", "w4a4"), help="quantize the model's transformer first")
   p.add_argument("--triangle", default="up", choices=shapes.TRIANGLES,
                  help="the way prompted triangles must point to count (--reference draws them so)")
   args = p.parse_args(argv)
@@ -365,12 +373,14 @@ def run(args):
   else:
     from sana_jax.convert.diffusers_lora import parse_specs
     generate = pipeline_generator(args.model, steps=args.steps, cfg=args.cfg, dtype=args.dtype,
-                                  height=args.height, width=args.width, loras=parse_specs(args.lora))
+                                  height=args.height, width=args.width, loras=parse_specs(args.lora),
+                                  quantize=args.quantize)
   files.output_directory(args.out, "--out")
   report = evaluate(generate, prompts, seed=args.seed, batch_size=args.batch_size,
                     grid_path=os.path.join(args.out, "grid.png"), triangle=args.triangle)
   report["settings"] = {k: getattr(args, k) for k in ("model", "reference", "n", "heldout_fraction", "prompt_seed",
-                                                     "steps", "seed", "height", "width", "dtype", "triangle", "lora")}
+                                                     "steps", "seed", "height", "width", "dtype", "triangle", "lora",
+                                                     "quantize")}
   report["settings"]["cfg"] = getattr(generate, "guidance_scale", None)  # the one used: the model's, if not given
   files.write_json(os.path.join(args.out, "report.json"), report, indent=1)
   return report
