@@ -434,21 +434,22 @@ class SanaPipeline(BasePipeline):
     self._generate = jax.jit(self._generate_impl,
                              static_argnames=("sampler", "steps", "start", "cfg", "pag", "pag_layers"))
 
-  def _calibration_statistics(self, model, prompts, steps, guidance_scale, height, width, seed):
+  def _calibration_statistics(self, model, prompts, steps, guidance_scale, height, width, seed, batch_size=8):
     prompts = _prompt_list(prompts, "calibration_prompts")
     guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
     _, size = self._sizes(height, width, True)
     sigmas, timesteps = SAMPLERS[self.sampler][0](steps, self.flow_shift)
     ranges = calibrate.Ranges(model)
-    for i, prompt in enumerate(prompts):
-      noise = self._noise(1, size, prng_key(seed + i), None)
-      x0 = self(prompt, height=size[0], width=size[1], num_inference_steps=steps, guidance_scale=guidance_scale,
+    for start in range(0, len(prompts), batch_size):
+      batch = prompts[start:start + batch_size]
+      noise = jnp.concatenate([self._noise(1, size, prng_key(seed + start + i), None) for i in range(len(batch))])
+      x0 = self(batch, height=size[0], width=size[1], num_inference_steps=steps, guidance_scale=guidance_scale,
                 latents=noise, output_type="latent", use_resolution_binning=False).images
-      embeds, mask, neg, neg_mask = self.encode_prompt(prompt, guidance_scale > 1.0)
+      embeds, mask, neg, neg_mask = self.encode_prompt(batch, guidance_scale > 1.0)
       text = embeds if neg is None else jnp.concatenate([neg, embeds])
       text_mask = mask if neg is None else jnp.concatenate([neg_mask, mask])
       for sigma, t in zip(sigmas[:-1], timesteps):
-        x = jnp.concatenate([(1 - sigma) * x0 + sigma * noise] * text.shape[0])
+        x = jnp.concatenate([(1 - sigma) * x0 + sigma * noise] * (text.shape[0] // len(batch)))
         ranges.observe(x.astype(model.dtype), jnp.full((x.shape[0],), t), text, text_mask)
     return ranges.statistics()
 

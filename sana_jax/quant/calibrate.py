@@ -41,10 +41,9 @@ class Ranges:
 
   def observe(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None):
     """One DiT call's inputs (as SanaTransformer.__call__ takes them); its outputs are not needed."""
-    model, layers = self._model, self._model.config.num_layers
-    text = model.encode_text(encoder_hidden_states, encoder_attention_mask)
-    h, hw = model.embed(x)
-    t6, _ = model.embed_time(timestep, x.shape[0])
+    layers = self._model.config.num_layers
+    hw = (x.shape[1] // self._model.config.patch_size, x.shape[2] // self._model.config.patch_size)
+    h, t6, text = _inputs(*nnx.split(self._model), x, timestep, encoder_hidden_states, encoder_attention_mask)
     for i in range(layers):
       h, sown = _block(self._blocks_graph, self._blocks, i, h, t6, text, hw)
       for path, calls in traverse_util.flatten_dict(sown).items():  # (..., "amax"): a tuple, one per call
@@ -56,6 +55,14 @@ class Ranges:
   def statistics(self):
     return {name: np.stack([np.asarray(v) for v in per_layer])
             for name, per_layer in self._amax.items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _inputs(graphdef, state, x, timestep, encoder_hidden_states, encoder_attention_mask):
+  """What the first block takes: tokens, the time modulation, the text's keys and values."""
+  model = nnx.merge(graphdef, state)
+  h, _ = model.embed(x)
+  return h, model.embed_time(timestep, x.shape[0])[0], model.encode_text(encoder_hidden_states, encoder_attention_mask)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))

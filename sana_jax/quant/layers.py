@@ -63,7 +63,7 @@ class SVDQuantDense(QuantizedDense):
 
   def __init__(self, smooth, down, up, packed, scale, bias, axes, *, dtype):
     """smooth float32 [(L,) din]; down [(L,) din, r] and up [(L,) r, *dout] in 16-bit; packed uint8
-    [(L,) din_p / 2, *dout] and scale float32 [(L,) din_p / 64, *dout]: the int4 residual."""
+    [(L,) din_p / 2, *dout] and scale bfloat16 [(L,) din_p / 64, *dout]: the int4 residual."""
     super().__init__(bias, _out(axes), dtype)
     lead, din_axis, out_axes = _split(axes)
     self.smooth = param(smooth, lead + (din_axis,))

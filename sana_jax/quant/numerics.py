@@ -5,7 +5,9 @@ int4, per group of GROUP input channels and output channel ([din / GROUP, *dout]
 [..., din] with one scale per token (the last axis), or per token and group for int4: dynamic, computed
 from the activation itself at every call, so no activation range is calibrated.
 
-Scales are float32. Quantizing rounds to nearest and clips symmetrically (int8 to +-127, int4 to +-7,
+Scales are float32, but for int4 groups bfloat16 (float32 would add an eighth to the packed kernel's
+bytes; weights are rounded with the rounded scale, so nothing is lost but the scale's own last bits).
+Quantizing rounds to nearest and clips symmetrically (int8 to +-127, int4 to +-7,
 e4m3 to +-448), so zero maps to zero and a row of zeros gets scale 1 rather than 0.
 """
 import jax
@@ -48,12 +50,12 @@ def padded_inputs(din):
 
 
 def int4_weight(kernel):
-  """(packed uint8 kernel [din_p / 2, *dout], float32 scale [din_p / GROUP, *dout]) of a float kernel
+  """(packed uint8 kernel [din_p / 2, *dout], bfloat16 scale [din_p / GROUP, *dout]) of a float kernel
   [din, *dout]: int4 in groups of GROUP input channels, zero-padded to whole groups."""
   w = pad_rows(kernel.astype(jnp.float32), padded_inputs(kernel.shape[0]))
   groups = w.reshape(-1, GROUP, *w.shape[1:])
-  scale = _scale(jnp.max(jnp.abs(groups), axis=1), INT4_MAX)
-  q = _to_int(groups, scale[:, None], INT4_MAX).reshape(w.shape)
+  scale = _scale(jnp.max(jnp.abs(groups), axis=1), INT4_MAX).astype(jnp.bfloat16)
+  q = _to_int(groups, scale.astype(jnp.float32)[:, None], INT4_MAX).reshape(w.shape)
   return pack_int4(q), scale
 
 
@@ -78,7 +80,7 @@ def unpack_int4(packed):
 def int4_dequantize(packed, scale, dtype):
   """The kernel [din_p, *dout] in `dtype` that an int4 kernel stands for."""
   q = unpack_int4(packed)
-  groups = q.reshape(scale.shape[0], GROUP, *q.shape[1:]).astype(jnp.float32) * scale[:, None]
+  groups = q.reshape(scale.shape[0], GROUP, *q.shape[1:]).astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
   return groups.reshape(q.shape).astype(dtype)
 
 
