@@ -36,6 +36,7 @@ class QuantizedDense(nnx.Module):
 
 
 class Int8Dense(QuantizedDense):
+  quantize_tokens, accumulate = staticmethod(N.int8_tokens), jnp.int32
 
   def __init__(self, kernel, scale, bias, axes, *, dtype):
     """kernel int8 [(L,) din, *dout], scale float32 [(L,) *dout]; axes: the float kernel's."""
@@ -43,20 +44,15 @@ class Int8Dense(QuantizedDense):
     self.kernel, self.kernel_scale = param(kernel, axes), param(scale, _out(axes))
 
   def __call__(self, x):
-    xq, x_scale = N.int8_tokens(x)
+    xq, x_scale = self.quantize_tokens(x)
     kernel = self.kernel[...]
-    acc = N.contract(xq, kernel, jnp.int32)
+    acc = N.contract(xq, kernel, self.accumulate)
     return self.finish(N.scaled(acc, x_scale, self.kernel_scale[...], kernel.ndim - 1))
 
 
 class Fp8Dense(Int8Dense):
-  """kernel float8_e4m3fn; otherwise Int8Dense's parameters."""
-
-  def __call__(self, x):
-    xq, x_scale = N.fp8_tokens(x)
-    kernel = self.kernel[...]
-    acc = N.contract(xq, kernel, jnp.float32)
-    return self.finish(N.scaled(acc, x_scale, self.kernel_scale[...], kernel.ndim - 1))
+  """kernel float8_e4m3fn; otherwise Int8Dense's parameters and call, accumulated in float32."""
+  quantize_tokens, accumulate = staticmethod(N.fp8_tokens), jnp.float32
 
 
 class SVDQuantDense(QuantizedDense):
