@@ -69,7 +69,7 @@ HEADERS = {
     "past the end": ({"a": tensor(offsets=(0, 8)), "b": tensor(offsets=(8, 64))}, 16, "past the end"),
     "gap": ({"a": tensor(), "b": tensor(offsets=(12, 20))}, 20, "gap"),
     "bytes vs shape": ({"a": tensor(shape=(3,))}, 8, "needs 12"),
-    "unknown dtype": ({"a": tensor(dtype="F8_E4M3")}, 8, "unsupported dtype"),
+    "unknown dtype": ({"a": tensor(dtype="F8_E5M2")}, 8, "unsupported dtype"),
     "negative shape": ({"a": tensor(shape=(-2,))}, 8, "non-negative"),
     "float offsets": ({"a": tensor(offsets=(0.0, 8.0))}, 8, "data_offsets"),
     "begin after end": ({"a": tensor(offsets=(8, 0))}, 8, "begin <= end"),
