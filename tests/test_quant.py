@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from reference import rel_err
+from test_controlnet import controlnet_pipelines  # noqa: F401 - a tiny ControlNet pipeline saved to disk
 from test_pipeline import pipelines, run_cli  # noqa: F401 - the tiny diffusers pipeline saved to disk
+from test_sprint import sprint  # noqa: F401 - a tiny Sana-Sprint pipeline saved to disk
 from test_train import NEEDS_8
 
 import sana_jax
@@ -270,12 +272,42 @@ def test_quantized_sampling_on_8_devices_equals_one(pipelines, tmp_path, mode, p
 
 
 @pytest.mark.slow
-def test_cli_quantizes_and_records_it(pipelines, tmp_path):  # noqa: F811
+def test_cli_quantizes_and_samples_a_saved_quantized_directory(pipelines, tmp_path):  # noqa: F811
   from PIL import Image
-  r = run_cli("a red fox", "--model", pipelines[2], "--quantize", "int8", "--height", 32, "--width", 32, "--steps", 2,
-              "--output-dir", tmp_path / "out", cwd=tmp_path)
+  args = ("--height", 32, "--width", 32, "--steps", 2, "--dtype", "float32")
+  r = run_cli("a red fox", "--model", pipelines[2], "--quantize", "int8", *args, "--output-dir", tmp_path / "a",
+              cwd=tmp_path)
   assert r.returncode == 0, r.stderr
-  assert Image.open(tmp_path / "out" / "0000.png").text["quantize"] == "int8"
+  assert Image.open(tmp_path / "a" / "0000.png").text["quantize"] == "int8"
+  sana_jax.SanaPipeline.from_pretrained(pipelines[2]).quantize("int8").save_pretrained(tmp_path / "int8")
+  r = run_cli("a red fox", "--model", tmp_path / "int8", *args, "--output-dir", tmp_path / "b", cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  same = lambda name: np.asarray(Image.open(tmp_path / name / "0000.png"))
+  np.testing.assert_array_equal(same("a"), same("b"))  # quantized here or loaded quantized: the same image
+  r = run_cli("a red fox", "--model", tmp_path / "int8", "--quantize", "fp8", *args, "--output-dir", tmp_path / "c",
+              cwd=tmp_path)
+  assert r.returncode == 2 and "already quantized (int8)" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.slow
+def test_sprint_and_controlnet_pipelines_quantize(sprint, controlnet_pipelines, tmp_path):  # noqa: F811
+  """Sprint quantizes to int8 (w4a4's calibration needs a Flow sampler: a clear error); a ControlNet pipeline
+  quantizes its transformer, keeps the ControlNet float, and saves and loads as it samples."""
+  pipe = sana_jax.load_pipeline(sprint[2])
+  with pytest.raises(SanaError, match="SanaSprintPipeline has neither"):
+    pipe.quantize("w4a4")
+  kw = dict(height=32, width=32, seed=0, output_type="np")  # the same initial and per-step noise
+  before = np.asarray(pipe("a red fox", **kw).images)
+  after = np.asarray(pipe.quantize("int8")("a red fox", **kw).images)
+  assert 25 < psnr(after, before) < 80
+  pipe = sana_jax.load_pipeline(controlnet_pipelines[1]).quantize("int8")
+  assert quant.mode_of(pipe.transformer) == "int8" and quant.mode_of(pipe.controlnet) is None
+  kw = dict(height=64, width=96, num_inference_steps=2, control_image=np.full((1, 64, 96, 3), 0.5, np.float32),
+            latents=np.ones((1, 16, 24, 8), np.float32), output_type="np", use_resolution_binning=False)
+  images = np.asarray(pipe("a red circle", **kw).images)
+  pipe.save_pretrained(tmp_path / "controlnet")
+  loaded = sana_jax.load_pipeline(tmp_path / "controlnet")
+  np.testing.assert_array_equal(np.asarray(loaded("a red circle", **kw).images), images)
 
 
 def test_cli_calibration_prompts_without_w4a4_is_one_line_exit_2(pipelines, tmp_path):  # noqa: F811
