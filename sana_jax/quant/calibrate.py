@@ -33,7 +33,7 @@ class Ranges:
   def __init__(self, model):
     observed = nnx.clone(model)
     for name in quant_model.ACTIVATION_LAYERS:
-      parent, leaf = quant_model._parent(observed.blocks, name)
+      parent, leaf = quant_model.parent_of(observed.blocks, name)
       setattr(parent, leaf, Observer(getattr(parent, leaf)))
     self._model = observed
     self._blocks_graph, self._blocks = nnx.split(observed.blocks)

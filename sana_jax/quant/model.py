@@ -84,7 +84,7 @@ def abstract_quantized(build, mode):
 def _quantized(model, mode, statistics, alpha):
   model = nnx.clone(model)
   for name in ACTIVATION_LAYERS + WEIGHT_ONLY_LAYERS:
-    parent, leaf = _parent(model.blocks, name)
+    parent, leaf = parent_of(model.blocks, name)
     dense = getattr(parent, leaf)
     axes = tuple(dense.kernel.get_metadata()["out_sharding"])
     kernel, bias = dense.kernel[...], None if dense.bias is None else dense.bias[...]
@@ -121,7 +121,7 @@ def _svdquant_layers(kernel, amax, alpha):
   return jax.vmap(one)(kernel, amax)
 
 
-def _parent(blocks, name):
+def parent_of(blocks, name):
   """(the module holding layer `name` ("attn1.to_q"), the attribute name)."""
   *path, leaf = name.split(".")
   return functools.reduce(getattr, path, blocks), leaf
@@ -129,7 +129,7 @@ def _parent(blocks, name):
 
 def layer(blocks, name):
   """The layer `name` of a model's blocks."""
-  parent, leaf = _parent(blocks, name)
+  parent, leaf = parent_of(blocks, name)
   return getattr(parent, leaf)
 
 
