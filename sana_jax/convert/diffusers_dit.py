@@ -121,6 +121,11 @@ def export_plan(cfg, state):
   return invert.plan(state, TABLE, optional={r"emb\.": not cfg.guidance_embeds}, source="transformer")
 
 
+def config_json(cfg):
+  """config.json's fields of a SanaTransformerConfig, as diffusers writes them."""
+  return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in OURS_ONLY}, "dropout": 0.0}
+
+
 def component(model):
   """The export plan: diffusers' names for every weight, and its config.json (a quantized model's is
   sana_jax.quant.saving's)."""
@@ -131,6 +136,5 @@ def component(model):
   state = invert.flat_state(model)
   entries = export_plan(cfg, state)
   invert.check_names(entries, TABLE, "transformer")
-  config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in OURS_ONLY}
-  return invert.Component({**config, "dropout": 0.0}, cfg, entries, state, "diffusion_pytorch_model", "diffusers",
+  return invert.Component(config_json(cfg), cfg, entries, state, "diffusion_pytorch_model", "diffusers",
                           CLASS_NAME)

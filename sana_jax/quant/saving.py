@@ -7,8 +7,6 @@ calibration runs again.
 diffusers has no reader for this method: its loader refuses the unknown `quant_method` rather than
 misreading the weights.
 """
-import dataclasses
-
 import numpy as np
 from flax import nnx
 
@@ -49,8 +47,7 @@ def component(model):
   entries = [invert.Entry(".".join(path), path, None, IDENTITY, array.shape) for path, array in state.items()]
   exact = frozenset(e.name for e in entries if not dtypes.is_float(state[e.path].dtype)
                     or e.name.endswith(("kernel_scale", "smooth")))
-  config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in diffusers_dit.OURS_ONLY}
-  config.update(dropout=0.0, quantization_config=config_entry(quant_model.mode_of(model)))
+  config = {**diffusers_dit.config_json(cfg), "quantization_config": config_entry(quant_model.mode_of(model))}
   return invert.Component(config, cfg, entries, state, WEIGHTS_PREFIX, "diffusers", diffusers_dit.CLASS_NAME, exact)
 
 
